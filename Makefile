@@ -1,0 +1,51 @@
+# Set-up is the project's job: `make serve` and `make test` on a fresh Debian 12 machine
+# install what they need (Debian packages, a venv built from /usr/bin/python3) and run.
+#
+# The venv must be made from /usr/bin/python3: nbdkit's Python plugin embeds Debian's
+# libpython3.11, so everything the plugin imports (our package, the cffi extension)
+# has to be importable by that interpreter (see docs/ and ../shared/docs/nbdkit-python.md).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Debian packages: build (gcc, headers, cffi), serving (nbdkit + python plugin) and the
+# real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu).
+DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
+	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils nbdfuse \
+	fuse3 e2fsprogs util-linux
+
+.PHONY: venv test test-long serve bench clean deps
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "need root to install: $$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml cffi_build.py $(wildcard btt_core/*.c btt_core/*.h)
+	@$(MAKE) --no-print-directory deps
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+test: venv
+	PATH=/usr/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS)
+
+test-long: venv
+	PATH=/usr/bin:$$PATH BTT_LONG=1 $(PY) -m pytest -m "long or not long" $(PYTEST_ARGS)
+
+serve: venv
+	PATH=/usr/bin:$$PATH $(VENV)/bin/bttctl serve $(ARGS)
+
+bench: venv
+	PATH=/usr/bin:$$PATH $(PY) tools/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info btt_core/_btt_cffi*.so btt_core/_btt_cffi.c .pytest_cache .hypothesis

@@ -1,0 +1,1490 @@
+/*
+ * btt.c - the BTT engine: layout, format, discovery and recovery, and the I/O path.
+ *
+ * On-media format: Linux drivers/nvdimm/btt.c, as specified in ../shared/docs/btt-format.md
+ * (section numbers below refer to it). Durability on an ordinary file: ../shared/docs/design.md.
+ *
+ * How a write becomes durable here (every mode uses the same steps; they differ in when
+ * a commit runs and whether barriers are real fdatasyncs):
+ *
+ *   reserve   take a clean lane; its free block F receives the data
+ *   data      pwrite the sector into F                         (no lock held)
+ *   publish   stage {lba, old, F, seq}; readers now see F; append to the intent journal
+ *   commit    barrier -> flog entries -> barrier -> map entries; lanes advance to their
+ *             old blocks, which only now become reusable
+ *
+ * Within one epoch (the writes between two commits) a lane is used at most once and an
+ * LBA is staged at most once, so any subset of the flog and map writes that reach the
+ * media is repaired by the kernel's own load-time recovery (§6.5). group mode commits on
+ * FLUSH, FUA, a full epoch, an LBA conflict and a timer; strict and none commit at the end
+ * of every write request (strict with fdatasync, none without).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "btt_int.h"
+
+int btt_test_mutation = BTT_MUT_NONE;
+
+/* ---- errors ------------------------------------------------------------------- */
+
+static __thread char errbuf[512];
+
+int seterr(int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(errbuf, sizeof(errbuf), fmt, ap);
+	va_end(ap);
+	return -err;
+}
+
+const char *btt_errmsg(void)
+{
+	return errbuf;
+}
+
+/* ---- little-endian fields ----------------------------------------------------- */
+
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get64(const uint8_t *p) { return get32(p) | (uint64_t)get32(p + 4) << 32; }
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)v), put32(p + 4, (uint32_t)(v >> 32)); }
+
+static const uint8_t BTT_SIG[16] = "BTT_ARENA_INFO\0";
+
+static bool is_zero(const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	for (size_t i = 0; i < len; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/* ---- info block (§3) ----------------------------------------------------------- */
+
+uint64_t btt_fletcher64(const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	uint32_t lo = 0, hi = 0;
+
+	for (size_t i = 0; i + 4 <= len; i += 4) {
+		lo += get32(p + i);
+		hi += lo;
+	}
+	return (uint64_t)hi << 32 | lo;
+}
+
+void btt_info_pack(struct btt_info *ib, uint8_t out[4096])
+{
+	memset(out, 0, BTT_INFO_SIZE);
+	memcpy(out + 0x00, ib->signature, 16);
+	memcpy(out + 0x10, ib->uuid, 16);
+	memcpy(out + 0x20, ib->parent_uuid, 16);
+	put32(out + 0x30, ib->flags);
+	put16(out + 0x34, ib->version_major);
+	put16(out + 0x36, ib->version_minor);
+	put32(out + 0x38, ib->external_lbasize);
+	put32(out + 0x3C, ib->external_nlba);
+	put32(out + 0x40, ib->internal_lbasize);
+	put32(out + 0x44, ib->internal_nlba);
+	put32(out + 0x48, ib->nfree);
+	put32(out + 0x4C, ib->infosize);
+	put64(out + 0x50, ib->nextoff);
+	put64(out + 0x58, ib->dataoff);
+	put64(out + 0x60, ib->mapoff);
+	put64(out + 0x68, ib->logoff);
+	put64(out + 0x70, ib->info2off);
+	ib->checksum = btt_fletcher64(out, BTT_INFO_SIZE);
+	put64(out + 0xFF8, ib->checksum);
+}
+
+void btt_info_unpack(const uint8_t in[4096], struct btt_info *ib, int *checksum_ok)
+{
+	uint8_t copy[BTT_INFO_SIZE];
+
+	memcpy(ib->signature, in + 0x00, 16);
+	memcpy(ib->uuid, in + 0x10, 16);
+	memcpy(ib->parent_uuid, in + 0x20, 16);
+	ib->flags = get32(in + 0x30);
+	ib->version_major = get16(in + 0x34);
+	ib->version_minor = get16(in + 0x36);
+	ib->external_lbasize = get32(in + 0x38);
+	ib->external_nlba = get32(in + 0x3C);
+	ib->internal_lbasize = get32(in + 0x40);
+	ib->internal_nlba = get32(in + 0x44);
+	ib->nfree = get32(in + 0x48);
+	ib->infosize = get32(in + 0x4C);
+	ib->nextoff = get64(in + 0x50);
+	ib->dataoff = get64(in + 0x58);
+	ib->mapoff = get64(in + 0x60);
+	ib->logoff = get64(in + 0x68);
+	ib->info2off = get64(in + 0x70);
+	ib->checksum = get64(in + 0xFF8);
+	if (checksum_ok) {
+		memcpy(copy, in, BTT_INFO_SIZE);
+		memset(copy + 0xFF8, 0, 8);
+		*checksum_ok = btt_fletcher64(copy, BTT_INFO_SIZE) == ib->checksum;
+	}
+}
+
+int btt_lbasize_supported(uint32_t lbasize)
+{
+	static const uint32_t ok[] = {512, 520, 528, 4096, 4104, 4160, 4224};
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+		if (ok[i] == lbasize)
+			return 1;
+	return 0;
+}
+
+uint32_t btt_internal_lbasize(uint32_t lbasize)
+{
+	return (lbasize + 63u) & ~63u; /* the kernel's INT_LBASIZE_ALIGNMENT */
+}
+
+/* Bytes per LBA that reach the user: the Linux logical block size. The rest of an
+ * external block (520 - 512, ...) is integrity metadata NBD has no channel for. */
+static uint32_t data_bytes(uint32_t lbasize)
+{
+	return lbasize >= 4096 ? 4096 : 512;
+}
+
+/* ---- layout (§4) -------------------------------------------------------------- */
+
+int btt_compute_layout(uint64_t rawsize, uint32_t lbasize, uint64_t arena_max,
+		       struct btt_arena_layout *out, int max)
+{
+	const uint64_t logsize = ((uint64_t)BTT_NFREE * BTT_LOG_GROUP + BTT_PG_SIZE - 1) &
+				 ~(uint64_t)(BTT_PG_SIZE - 1);
+	uint64_t remaining = rawsize, off = 0, lba = 0;
+	uint32_t ilbs;
+	int n = 0;
+
+	if (!btt_lbasize_supported(lbasize))
+		return seterr(EINVAL, "sector size %u is not one of 512 520 528 4096 4104 4160 4224",
+			      lbasize);
+	if (arena_max == 0)
+		arena_max = BTT_ARENA_MAX;
+	if (arena_max < BTT_ARENA_MIN || arena_max > BTT_ARENA_MAX || arena_max % BTT_PG_SIZE)
+		return seterr(EINVAL, "arena size limit %llu is out of range",
+			      (unsigned long long)arena_max);
+	if (rawsize < BTT_ARENA_MIN)
+		return seterr(ENXIO, "BTT raw size %llu is below the 16 MiB minimum",
+			      (unsigned long long)rawsize);
+	ilbs = btt_internal_lbasize(lbasize);
+	while (remaining > 0) {
+		uint64_t s = remaining < arena_max ? remaining : arena_max;
+		uint64_t avail, internal, mapsize;
+		struct btt_arena_layout l;
+
+		remaining -= s;
+		if (s < BTT_ARENA_MIN)
+			break; /* a tail under 16 MiB is left unused, as the kernel does */
+		avail = (s & ~(uint64_t)(BTT_PG_SIZE - 1)) - 2 * BTT_INFO_SIZE - logsize;
+		internal = (avail - BTT_PG_SIZE) / (ilbs + 4);
+		mapsize = (4 * (internal - BTT_NFREE) + BTT_PG_SIZE - 1) & ~(uint64_t)(BTT_PG_SIZE - 1);
+		l.start = off;
+		l.size = s;
+		l.lba_start = lba;
+		l.internal_nlba = (uint32_t)internal;
+		l.external_nlba = (uint32_t)(internal - BTT_NFREE);
+		l.internal_lbasize = ilbs;
+		l.nfree = BTT_NFREE;
+		l.dataoff = BTT_INFO_SIZE;
+		l.mapoff = BTT_INFO_SIZE + avail - mapsize;
+		l.logoff = BTT_INFO_SIZE + avail;
+		l.info2off = l.logoff + logsize;
+		l.nextoff = remaining >= BTT_ARENA_MIN ? s : 0;
+		if (n < max)
+			out[n] = l;
+		n++;
+		off += s;
+		lba += l.external_nlba;
+	}
+	return n;
+}
+
+/* ---- format (§4, §6.2) -------------------------------------------------------- */
+
+static void initial_flog(uint8_t *flog, const struct btt_arena_layout *l)
+{
+	memset(flog, 0, (size_t)(l->info2off - l->logoff));
+	for (uint32_t i = 0; i < l->nfree; i++) {
+		uint8_t *slot0 = flog + (size_t)i * BTT_LOG_GROUP;
+		put32(slot0 + 0, i);
+		put32(slot0 + 4, l->external_nlba + i);
+		put32(slot0 + 8, l->external_nlba + i);
+		put32(slot0 + 12, 1);
+	}
+}
+
+static void info_from_layout(struct btt_info *ib, const struct btt_format_params *p,
+			     const struct btt_arena_layout *l)
+{
+	memset(ib, 0, sizeof(*ib));
+	memcpy(ib->signature, BTT_SIG, 16);
+	memcpy(ib->uuid, p->uuid, 16);
+	memcpy(ib->parent_uuid, p->parent_uuid, 16);
+	ib->version_major = p->version_major;
+	ib->version_minor = p->version_minor;
+	ib->external_lbasize = p->lbasize;
+	ib->external_nlba = l->external_nlba;
+	ib->internal_lbasize = l->internal_lbasize;
+	ib->internal_nlba = l->internal_nlba;
+	ib->nfree = l->nfree;
+	ib->infosize = BTT_INFO_SIZE;
+	ib->nextoff = l->nextoff;
+	ib->dataoff = l->dataoff;
+	ib->mapoff = l->mapoff;
+	ib->logoff = l->logoff;
+	ib->info2off = l->info2off;
+}
+
+int btt_format(struct btt_io *io, const struct btt_format_params *p)
+{
+	static const uint8_t zeros[BTT_PG_SIZE];
+	uint64_t initial, base, rawsize;
+	struct btt_arena_layout *lay = NULL;
+	uint8_t block[BTT_INFO_SIZE], *flog = NULL;
+	int n, rc;
+
+	if (!((p->version_major == 1 && p->version_minor == 1) ||
+	      (p->version_major == 2 && p->version_minor == 0)))
+		return seterr(EINVAL, "BTT version %u.%u is not 1.1 or 2.0", p->version_major,
+			      p->version_minor);
+	initial = p->version_major == 1 ? BTT_PG_SIZE : 0;
+	if (p->ns_size < initial + BTT_ARENA_MIN)
+		return seterr(ENXIO, "namespace of %llu bytes is too small for a BTT %u.%u (needs %llu)",
+			      (unsigned long long)p->ns_size, p->version_major, p->version_minor,
+			      (unsigned long long)(initial + BTT_ARENA_MIN));
+	if (p->ns_offset + p->ns_size < p->ns_offset ||
+	    btt_io_size(io) < p->ns_offset + p->ns_size)
+		return seterr(EINVAL, "namespace [%llu, +%llu) lies beyond the end of the backing store",
+			      (unsigned long long)p->ns_offset, (unsigned long long)p->ns_size);
+	rawsize = p->ns_size - initial;
+	base = p->ns_offset + initial;
+	n = btt_compute_layout(rawsize, p->lbasize, p->arena_max, NULL, 0);
+	if (n < 0)
+		return n;
+	lay = calloc((size_t)n, sizeof(*lay));
+	flog = malloc(BTT_NFREE * BTT_LOG_GROUP * 2);
+	if (!lay || !flog) {
+		rc = seterr(ENOMEM, "out of memory");
+		goto out;
+	}
+	btt_compute_layout(rawsize, p->lbasize, p->arena_max, lay, n);
+
+	/* The page where the other BTT version would keep its info block is cleared, so a
+	 * stale BTT of the other version can never be autodetected in place of this one. */
+	rc = io->ops->write(io, zeros, sizeof(zeros), p->ns_offset + (initial ? 0 : BTT_PG_SIZE));
+	/* Map zeroed (every entry identity) and flog initialised in every arena, then the
+	 * info blocks: backups, later arenas, and arena 0's primary last, so a crash during
+	 * format leaves either no BTT or a complete one. */
+	for (int i = 0; i < n && !rc; i++) {
+		const struct btt_arena_layout *l = &lay[i];
+		uint64_t a = base + l->start;
+		rc = io->ops->zero(io, a + l->mapoff, l->logoff - l->mapoff);
+		if (!rc) {
+			initial_flog(flog, l);
+			rc = io->ops->write(io, flog, (size_t)(l->info2off - l->logoff), a + l->logoff);
+		}
+	}
+	if (!rc)
+		rc = io->ops->sync(io);
+	for (int i = n - 1; i >= 0 && !rc; i--) {
+		struct btt_info ib;
+		info_from_layout(&ib, p, &lay[i]);
+		btt_info_pack(&ib, block);
+		rc = io->ops->write(io, block, sizeof(block), base + lay[i].start + lay[i].info2off);
+		if (!rc && i > 0)
+			rc = io->ops->write(io, block, sizeof(block), base + lay[i].start);
+	}
+	if (!rc)
+		rc = io->ops->sync(io);
+	if (!rc) {
+		struct btt_info ib;
+		info_from_layout(&ib, p, &lay[0]);
+		btt_info_pack(&ib, block);
+		rc = io->ops->write(io, block, sizeof(block), base);
+	}
+	if (!rc)
+		rc = io->ops->sync(io);
+out:
+	free(lay);
+	free(flog);
+	return rc;
+}
+
+/* ---- discovery: validating untrusted info blocks (§3, §4) ---------------------- */
+
+/* Checks one arena's info block against everything the engine will index with it.
+ * `start` is the arena's offset from the BTT start, `rawsize` the BTT's size. */
+static int validate_arena(const struct btt_info *ib, int idx, uint64_t start, uint64_t rawsize,
+			  const struct btt_info *first, struct btt_arena_layout *l)
+{
+	uint64_t size, room = rawsize - start;
+
+#define BAD(...) seterr(EUCLEAN, __VA_ARGS__)
+	if (!btt_lbasize_supported(ib->external_lbasize))
+		return BAD("arena %d: external_lbasize %u is not a BTT sector size", idx,
+			   ib->external_lbasize);
+	if (first && ib->external_lbasize != first->external_lbasize)
+		return BAD("arena %d: external_lbasize %u differs from arena 0's %u", idx,
+			   ib->external_lbasize, first->external_lbasize);
+	if (ib->internal_lbasize < ib->external_lbasize || ib->internal_lbasize > 65536)
+		return BAD("arena %d: internal_lbasize %u is not between external_lbasize %u and 65536",
+			   idx, ib->internal_lbasize, ib->external_lbasize);
+	if (ib->nfree == 0 || ib->nfree > BTT_NFREE)
+		return BAD("arena %d: nfree %u is not between 1 and %u", idx, ib->nfree, BTT_NFREE);
+	if (ib->internal_nlba > BTT_MAP_MASK + 1u || ib->internal_nlba <= ib->nfree)
+		return BAD("arena %d: internal_nlba %u is not between nfree+1 and 2^30", idx,
+			   ib->internal_nlba);
+	if (ib->external_nlba != ib->internal_nlba - ib->nfree)
+		return BAD("arena %d: external_nlba %u != internal_nlba %u - nfree %u", idx,
+			   ib->external_nlba, ib->internal_nlba, ib->nfree);
+	if ((ib->dataoff | ib->mapoff | ib->logoff | ib->info2off | ib->nextoff) % BTT_PG_SIZE)
+		return BAD("arena %d: an offset is not a multiple of 4096", idx);
+	size = ib->nextoff ? ib->nextoff : ib->info2off + BTT_INFO_SIZE;
+	if (ib->info2off > room || size > room || size < BTT_ARENA_MIN)
+		return BAD("arena %d at BTT offset %llu: size %llu (nextoff %llu, info2off %llu) does "
+			   "not fit the %llu bytes left or is below 16 MiB", idx,
+			   (unsigned long long)start, (unsigned long long)size,
+			   (unsigned long long)ib->nextoff, (unsigned long long)ib->info2off,
+			   (unsigned long long)room);
+	if (ib->dataoff < BTT_INFO_SIZE ||
+	    ib->dataoff + (uint64_t)ib->internal_nlba * ib->internal_lbasize > ib->mapoff ||
+	    ib->mapoff + (uint64_t)ib->external_nlba * 4 > ib->logoff ||
+	    ib->logoff + (uint64_t)ib->nfree * BTT_LOG_GROUP > ib->info2off ||
+	    ib->info2off + BTT_INFO_SIZE > size)
+		return BAD("arena %d: data/map/flog/info2 areas (dataoff %llu, mapoff %llu, logoff %llu, "
+			   "info2off %llu) overlap or are out of order", idx,
+			   (unsigned long long)ib->dataoff, (unsigned long long)ib->mapoff,
+			   (unsigned long long)ib->logoff, (unsigned long long)ib->info2off);
+#undef BAD
+	l->start = start;
+	l->size = size;
+	l->external_nlba = ib->external_nlba;
+	l->internal_nlba = ib->internal_nlba;
+	l->internal_lbasize = ib->internal_lbasize;
+	l->nfree = ib->nfree;
+	l->dataoff = ib->dataoff;
+	l->mapoff = ib->mapoff;
+	l->logoff = ib->logoff;
+	l->info2off = ib->info2off;
+	l->nextoff = ib->nextoff;
+	return 0;
+}
+
+/* Reads and authenticates an info block: signature, checksum, parent uuid. */
+static int read_info(struct btt_io *io, uint64_t off, const struct btt_open_params *p,
+		     struct btt_info *ib)
+{
+	uint8_t block[BTT_INFO_SIZE];
+	int ok, rc = io->ops->read(io, block, sizeof(block), off);
+	static const uint8_t null_uuid[16];
+
+	if (rc)
+		return rc;
+	btt_info_unpack(block, ib, &ok);
+	if (memcmp(ib->signature, BTT_SIG, 16))
+		return seterr(ENODEV, "no BTT signature at offset %llu", (unsigned long long)off);
+	if (!ok)
+		return seterr(ENODEV, "info block at offset %llu has a bad checksum",
+			      (unsigned long long)off);
+	if (p->check_parent && memcmp(ib->parent_uuid, null_uuid, 16) &&
+	    memcmp(ib->parent_uuid, p->parent_uuid, 16))
+		return seterr(ENODEV, "info block at offset %llu belongs to another namespace "
+			      "(parent_uuid mismatch)", (unsigned long long)off);
+	return 0;
+}
+
+/* ---- flog (§6) ---------------------------------------------------------------- */
+
+static const uint32_t seq_next[4] = {0, 2, 3, 1};
+
+static void flog_slot_get(const uint8_t *group, int slot, struct flog_entry *e)
+{
+	const uint8_t *s = group + slot * 16;
+	e->lba = get32(s), e->old_map = get32(s + 4), e->new_map = get32(s + 8), e->seq = get32(s + 12);
+}
+
+static void flog_slot_put(uint8_t *group, int slot, const struct flog_entry *e)
+{
+	uint8_t *s = group + slot * 16;
+	put32(s, e->lba), put32(s + 4, e->old_map), put32(s + 8, e->new_map), put32(s + 12, e->seq);
+}
+
+/* Which two of a lane's four slots are live: (0,1) since Linux 4.15, (0,2) before (§6.3). */
+static int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int idx[2])
+{
+	unsigned used = 0;
+
+	for (uint32_t i = 0; i < nfree; i++) {
+		unsigned mask = 0;
+		for (int s = 0; s < 4; s++)
+			if (!is_zero(flog + (size_t)i * BTT_LOG_GROUP + s * 16, 16))
+				mask |= 1u << s;
+		if (!(mask & 1))
+			return seterr(EUCLEAN, "arena %d lane %u: flog slot 0 is empty (never initialised)",
+				      aidx, i);
+		used |= mask;
+	}
+	idx[0] = 0;
+	if (used == 0x1 || used == 0x3)
+		idx[1] = 1;
+	else if (used == 0x5)
+		idx[1] = 2;
+	else
+		return seterr(EUCLEAN, "arena %d: unknown flog padding scheme (live slots mask 0x%x)",
+			      aidx, used);
+	return 0;
+}
+
+/* The newer of a lane's two live entries (§6.4); -1 when their sequence numbers conflict. */
+static int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1)
+{
+	uint32_t a = e0->seq, b = e1->seq;
+
+	if (a > 3 || b > 3 || a == b)
+		return -1;
+	if (a == 0)
+		return 1;
+	if (b == 0)
+		return 0;
+	return seq_next[a] == b ? 1 : 0;
+}
+
+/* ---- map (§5) -------------------------------------------------------------------- */
+
+static uint64_t map_off(const struct btt *b, const struct arena *a, uint32_t premap)
+{
+	(void)b;
+	return a->base + a->lay.mapoff + (uint64_t)premap * 4;
+}
+
+static uint64_t block_off(const struct arena *a, uint32_t block)
+{
+	return a->base + a->lay.dataoff + (uint64_t)block * a->lay.internal_lbasize;
+}
+
+int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry)
+{
+	uint8_t raw[4];
+	int rc = b->io->ops->read(b->io, raw, 4, map_off(b, a, premap));
+	*entry = get32(raw);
+	return rc;
+}
+
+static int arena_map_write(struct btt *b, struct arena *a, uint32_t premap, uint32_t entry)
+{
+	uint8_t raw[4];
+	int rc;
+
+	put32(raw, entry);
+	rc = b->io->ops->write(b->io, raw, 4, map_off(b, a, premap));
+	atomic_fetch_add(&a->mapseq, 1);
+	return rc;
+}
+
+static pthread_mutex_t *stripe_of(struct arena *a, uint32_t premap)
+{
+	return &a->stripes[(premap >> 4) % NSTRIPES];
+}
+
+/* ---- staged map words: an open-addressed table per arena ---------------------------- */
+
+#define STAGE_EMPTY 0ull
+#define STAGE_TOMB 0xFFFFFFFFull
+#define STAGE_RESERVED 0x80000000ull /* in the key: data still being written */
+
+static uint32_t stage_hash(uint32_t premap)
+{
+	return (premap * 0x9E3779B1u) >> 22; /* 10 bits: STAGE_SLOTS */
+}
+
+static int stage_find(struct arena *a, uint32_t premap)
+{
+	uint64_t key = (uint64_t)premap + 1;
+
+	for (uint32_t i = 0, h = stage_hash(premap); i < STAGE_SLOTS; i++) {
+		uint64_t v = atomic_load(&a->stage[(h + i) % STAGE_SLOTS]);
+		uint64_t k = v >> 32;
+		if (v == STAGE_EMPTY)
+			return -1;
+		if ((k & ~STAGE_RESERVED) == key && k != STAGE_TOMB)
+			return (int)((h + i) % STAGE_SLOTS);
+	}
+	return -1;
+}
+
+/* A visible staged map word for premap, if any. Caller holds premap's stripe. */
+int staged_lookup(struct arena *a, uint32_t premap, uint32_t *word)
+{
+	int i;
+	uint64_t v;
+
+	if (atomic_load(&a->nvisible) == 0)
+		return 0;
+	i = stage_find(a, premap);
+	if (i < 0)
+		return 0;
+	v = atomic_load(&a->stage[i]);
+	if ((v >> 32) & STAGE_RESERVED)
+		return 0;
+	*word = (uint32_t)v;
+	return 1;
+}
+
+static void stage_insert(struct arena *a, uint32_t premap, uint64_t keyflags, uint32_t word)
+{
+	uint64_t v = ((uint64_t)premap + 1 + keyflags) << 32 | word;
+
+	/* Never full: at most 2 x nfree live entries (staged + read-only redo) in 1024 slots. */
+	for (uint32_t i = 0, h = stage_hash(premap); i < STAGE_SLOTS; i++) {
+		_Atomic uint64_t *slot = &a->stage[(h + i) % STAGE_SLOTS];
+		uint64_t cur = atomic_load(slot);
+		if (cur == STAGE_EMPTY || cur >> 32 == STAGE_TOMB) {
+			atomic_store(slot, v);
+			return;
+		}
+	}
+}
+
+static void stage_set(struct arena *a, int i, uint32_t premap, uint64_t keyflags, uint32_t word)
+{
+	atomic_store(&a->stage[i], ((uint64_t)premap + 1 + keyflags) << 32 | word);
+}
+
+static void stage_reset(struct arena *a)
+{
+	for (uint32_t i = 0; i < STAGE_SLOTS; i++)
+		atomic_store_explicit(&a->stage[i], STAGE_EMPTY, memory_order_relaxed);
+	atomic_store(&a->nvisible, 0);
+}
+
+/* ---- read tracking table (§7.1) -------------------------------------------------- */
+
+#define RTT_PENDING (RTT_VALID | 0x40000000u) /* a slot taken before its block is known */
+
+static __thread uint32_t rtt_hint;
+
+static uint32_t rtt_acquire(struct arena *a)
+{
+	uint32_t n = a->lay.nfree;
+
+	for (;;) {
+		for (uint32_t k = 0; k < n; k++) {
+			uint32_t i = (rtt_hint + k) % n, zero = 0;
+			if (atomic_compare_exchange_strong(&a->rtt[i], &zero, RTT_PENDING)) {
+				rtt_hint = i;
+				return i;
+			}
+		}
+		sched_yield();
+	}
+}
+
+/* A writer about to fill free block `block` waits for readers still copying it. */
+static void rtt_wait(struct arena *a, uint32_t block)
+{
+	for (uint32_t i = 0; i < a->lay.nfree; i++)
+		while (atomic_load(&a->rtt[i]) == (RTT_VALID | block))
+			sched_yield();
+}
+
+/* ---- open: discovery and recovery (§4, §6.5) -------------------------------------- */
+
+static int barrier(struct btt *b)
+{
+	if (b->durability == BTT_DUR_NONE)
+		return 0;
+	b->stats.syncs++;
+	return b->io->ops->sync(b->io);
+}
+
+/* Rebuilds one lane from its flog group: the free block is the newest entry's old block. */
+static int lane_load(struct btt *b, struct arena *a, int aidx, uint32_t i)
+{
+	const uint8_t *group = a->flog_shadow + (size_t)i * BTT_LOG_GROUP;
+	struct flog_entry e[2], *n;
+	struct lane *ln = &a->lanes[i];
+	uint32_t old, new, entry;
+	int newest, rc;
+
+	flog_slot_get(group, a->log_index[0], &e[0]);
+	flog_slot_get(group, a->log_index[1], &e[1]);
+	newest = flog_newest(&e[0], &e[1]);
+	if (newest < 0)
+		return seterr(EUCLEAN, "arena %d lane %u: flog sequence numbers %u and %u conflict",
+			      aidx, i, e[0].seq, e[1].seq);
+	n = &e[newest];
+	old = n->old_map & BTT_MAP_MASK; /* Z/E bits masked: PMDK stores them (§6.5) */
+	new = n->new_map & BTT_MAP_MASK;
+	if (n->lba >= a->lay.external_nlba || old >= a->lay.internal_nlba ||
+	    new >= a->lay.internal_nlba)
+		return seterr(EUCLEAN, "arena %d lane %u: flog entry {lba %u, old %u, new %u} points "
+			      "outside the arena (%u LBAs, %u blocks)", aidx, i, n->lba, old, new,
+			      a->lay.external_nlba, a->lay.internal_nlba);
+	ln->block = old;
+	ln->seq = seq_next[n->seq];
+	ln->sub = (uint8_t)(newest ^ 1);
+	ln->state = LANE_CLEAN;
+	if (old == new)
+		return 0;
+	/* Interrupted write: flog committed, map not yet updated -> redo the map write. */
+	rc = arena_map_read(b, a, n->lba, &entry);
+	if (rc)
+		return rc;
+	if (map_resolve(entry, n->lba) == old) {
+		b->stats.redo_applied++;
+		if (b->readonly) {
+			stage_insert(a, n->lba, 0, BTT_MAP_NORMAL | new);
+			atomic_fetch_add(&a->nvisible, 1);
+		} else {
+			rc = arena_map_write(b, a, n->lba, BTT_MAP_NORMAL | new);
+		}
+	}
+	return rc;
+}
+
+static int lanes_check_unique(struct arena *a, int aidx)
+{
+	uint32_t n = a->lay.nfree;
+
+	for (uint32_t i = 0; i < n; i++)
+		for (uint32_t j = i + 1; j < n; j++)
+			if (a->lanes[i].block == a->lanes[j].block)
+				return seterr(EUCLEAN, "arena %d: lanes %u and %u both hold free block %u",
+					      aidx, i, j, a->lanes[i].block);
+	return 0;
+}
+
+static int arena_load(struct btt *b, struct arena *a, int aidx)
+{
+	size_t flogsize = (size_t)a->lay.nfree * BTT_LOG_GROUP;
+	int rc;
+
+	a->lanes = calloc(a->lay.nfree, sizeof(*a->lanes));
+	a->rtt = calloc(a->lay.nfree, sizeof(*a->rtt));
+	a->flog_shadow = malloc(flogsize);
+	if (!a->lanes || !a->rtt || !a->flog_shadow)
+		return seterr(ENOMEM, "out of memory");
+	for (unsigned i = 0; i < NSTRIPES; i++)
+		pthread_mutex_init(&a->stripes[i], NULL);
+	rc = b->io->ops->read(b->io, a->flog_shadow, flogsize, a->base + a->lay.logoff);
+	if (!rc)
+		rc = flog_detect_scheme(a->flog_shadow, a->lay.nfree, aidx, a->log_index);
+	for (uint32_t i = 0; i < a->lay.nfree && !rc; i++)
+		rc = lane_load(b, a, aidx, i);
+	if (!rc)
+		rc = lanes_check_unique(a, aidx);
+	a->clean_lanes = a->lay.nfree;
+	return rc;
+}
+
+static int discover(struct btt *b, const struct btt_open_params *p, uint64_t btt_offset,
+		    const struct btt_info *first)
+{
+	uint64_t rawsize = b->ns_offset + b->ns_size - btt_offset, start = 0, lba = 0;
+	uint64_t max_arenas = rawsize / BTT_ARENA_MIN;
+	int rc = 0, cap = 0;
+
+	for (;;) {
+		struct btt_info ib;
+		struct arena *a;
+
+		if ((uint64_t)b->narenas >= max_arenas)
+			return seterr(EUCLEAN, "arena chain is longer than the namespace allows");
+		if (b->narenas == 0)
+			ib = *first;
+		else if (start > rawsize - BTT_ARENA_MIN)
+			return seterr(EUCLEAN, "arena %d: nextoff leads past the end of the namespace",
+				      b->narenas - 1);
+		else if ((rc = read_info(b->io, btt_offset + start, p, &ib))) {
+			char why[sizeof(errbuf)];
+			snprintf(why, sizeof(why), "%s", btt_errmsg());
+			return seterr(EUCLEAN, "arena %d: %s (corrupt arena chain)", b->narenas, why);
+		}
+		if (b->narenas == cap) {
+			void *n = realloc(b->arenas, (size_t)(cap ? cap * 2 : 2) * sizeof(*b->arenas));
+			if (!n)
+				return seterr(ENOMEM, "out of memory");
+			b->arenas = n;
+			memset(b->arenas + cap, 0, (size_t)(cap ? cap : 2) * sizeof(*b->arenas));
+			cap = cap ? cap * 2 : 2;
+		}
+		a = &b->arenas[b->narenas];
+		rc = validate_arena(&ib, b->narenas, start, rawsize, b->narenas ? first : NULL, &a->lay);
+		if (rc)
+			return rc;
+		a->info = ib;
+		a->base = btt_offset + start;
+		a->lay.lba_start = lba;
+		a->sector_size = data_bytes(ib.external_lbasize);
+		a->error_flag = ib.flags & BTT_IB_FLAG_ERROR;
+		b->narenas++;
+		rc = arena_load(b, a, b->narenas - 1);
+		if (rc)
+			return rc;
+		lba += ib.external_nlba;
+		if (!ib.nextoff)
+			break;
+		start += ib.nextoff;
+	}
+	b->nlba = lba;
+	return 0;
+}
+
+/* ---- the intent journal (design.md, durability rule 5) ------------------------------ */
+
+/*
+ * group mode acknowledges writes whose flog/map updates are only staged in memory. So that
+ * kill -9 loses none of them, each staged write is appended here with a plain pwrite (the
+ * page cache survives the process). On open, entries of the current epoch are replayed if
+ * they were written during this boot (same boot_id), still match their lane's state, and
+ * their data block still carries the recorded checksum. After a reboot (power loss) they
+ * are ignored: NBD lets unflushed writes be lost, and nothing was committed for them, so
+ * every sector keeps its old content.
+ */
+#define J_MAGIC "BTTJRNL1"
+#define J_ENTRY_MAGIC 0x544E454Au
+#define J_HDR 64u
+#define J_ENTRIES 4096u
+#define J_ENTRY 64u
+
+static int journal_write_header(struct btt *b)
+{
+	uint8_t h[J_HDR] = {0};
+
+	memcpy(h, J_MAGIC, 8);
+	put32(h + 8, 1);
+	memcpy(h + 16, b->uuid, 16);
+	memcpy(h + 32, b->boot_id, 16);
+	put64(h + 48, b->epoch);
+	put32(h + 12, btt_crc32c(0, h, J_HDR));
+	b->journal_next = 0;
+	return b->journal->ops->write(b->journal, h, J_HDR, 0);
+}
+
+static int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t premap,
+			  uint32_t block, uint32_t seq, uint32_t data_crc)
+{
+	uint8_t e[J_ENTRY] = {0};
+
+	put32(e, J_ENTRY_MAGIC);
+	put64(e + 8, b->epoch);
+	put32(e + 16, b->journal_next);
+	put32(e + 20, aidx);
+	put32(e + 24, lane);
+	put32(e + 28, premap);
+	put32(e + 32, block);
+	put32(e + 36, seq);
+	put32(e + 40, data_crc);
+	put32(e + 4, btt_crc32c(0, e, J_ENTRY));
+	return b->journal->ops->write(b->journal, e, J_ENTRY,
+				      J_ENTRIES + (uint64_t)b->journal_next++ * J_ENTRY);
+}
+
+static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
+		       uint32_t block);
+static void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap);
+
+/* Returns the number of entries replayed, or a negative errno. */
+static int journal_replay(struct btt *b)
+{
+	uint8_t h[J_HDR], e[J_ENTRY], *sector = NULL;
+	uint64_t size = b->journal->ops->size(b->journal), epoch;
+	uint32_t crc;
+	int replayed = 0;
+
+	if (size < J_HDR || b->journal->ops->read(b->journal, h, J_HDR, 0))
+		return 0;
+	crc = get32(h + 12);
+	put32(h + 12, 0);
+	if (memcmp(h, J_MAGIC, 8) || crc != btt_crc32c(0, h, J_HDR) ||
+	    memcmp(h + 16, b->uuid, 16) || memcmp(h + 32, b->boot_id, 16))
+		return 0;
+	epoch = get64(h + 48);
+	b->epoch = epoch;
+	sector = malloc(b->sector_size);
+	if (!sector)
+		return seterr(ENOMEM, "out of memory");
+	for (uint32_t i = 0;; i++) {
+		uint64_t off = J_ENTRIES + (uint64_t)i * J_ENTRY;
+		uint32_t aidx, lane, premap, block, seq, dcrc, word;
+		struct arena *a;
+
+		if (off + J_ENTRY > size || b->journal->ops->read(b->journal, e, J_ENTRY, off))
+			break;
+		crc = get32(e + 4);
+		put32(e + 4, 0);
+		if (get32(e) != J_ENTRY_MAGIC || crc != btt_crc32c(0, e, J_ENTRY) ||
+		    get64(e + 8) != epoch || get32(e + 16) != i)
+			break;
+		aidx = get32(e + 20), lane = get32(e + 24), premap = get32(e + 28);
+		block = get32(e + 32), seq = get32(e + 36), dcrc = get32(e + 40);
+		if (aidx >= (uint32_t)b->narenas)
+			continue;
+		a = &b->arenas[aidx];
+		/* Only an entry that continues its lane exactly, for an LBA not yet staged,
+		 * whose data is on the media, may be applied; any other is stale or torn. */
+		if (lane >= a->lay.nfree || premap >= a->lay.external_nlba ||
+		    a->lanes[lane].state != LANE_CLEAN || a->lanes[lane].block != block ||
+		    a->lanes[lane].seq != seq || stage_find(a, premap) >= 0)
+			continue;
+		if (b->io->ops->read(b->io, sector, b->sector_size, block_off(a, block)) ||
+		    btt_crc32c(0, sector, b->sector_size) != dcrc)
+			continue;
+		if (arena_map_read(b, a, premap, &word) || map_resolve(word, premap) == block)
+			continue;
+		a->lanes[lane].state = LANE_RESERVED;
+		a->clean_lanes--;
+		if (stage_entry(b, a, lane, premap, block) == 0)
+			replayed++;
+		else
+			unreserve_lane(b, a, lane, premap);
+	}
+	free(sector);
+	b->stats.journal_replayed += (uint64_t)replayed;
+	return replayed;
+}
+
+/* ---- the write path ------------------------------------------------------------------ */
+
+static int commit_locked(struct btt *b);
+
+/* Publishes the staged entry of a reserved lane whose data is written (elock held). */
+static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
+		       uint32_t block)
+{
+	struct lane *ln = &a->lanes[lane];
+	pthread_mutex_t *stripe = stripe_of(a, premap);
+	struct staged_entry *e;
+	uint32_t entry, old;
+	int i, rc;
+
+	pthread_mutex_lock(stripe);
+	rc = arena_map_read(b, a, premap, &entry);
+	old = map_resolve(entry, premap);
+	if (!rc && old >= a->lay.internal_nlba)
+		rc = seterr(EIO, "map entry 0x%08x of LBA %u points beyond the %u data blocks",
+			    entry, premap, a->lay.internal_nlba);
+	if (rc) {
+		pthread_mutex_unlock(stripe);
+		return rc;
+	}
+	if ((entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_E)
+		old |= BTT_MAP_E; /* logged so that recovery zero-fills the errored block */
+	i = stage_find(a, premap);
+	if (i >= 0)
+		stage_set(a, i, premap, 0, BTT_MAP_NORMAL | block);
+	else
+		stage_insert(a, premap, 0, BTT_MAP_NORMAL | block);
+	atomic_fetch_add(&a->nvisible, 1);
+	pthread_mutex_unlock(stripe);
+
+	e = &b->staged[b->nstaged++];
+	e->arena = (uint16_t)(a - b->arenas);
+	e->lane = (uint16_t)lane;
+	e->premap = premap;
+	e->old = old;
+	e->new_block = block;
+	e->seq = ln->seq;
+	e->slot = (uint8_t)a->log_index[ln->sub];
+	ln->st_old = old;
+	ln->state = LANE_STAGED;
+	if (btt_test_mutation == BTT_MUT_REUSE_BEFORE_COMMIT) {
+		/* Broken on purpose: the freed block becomes reusable before the commit. */
+		ln->block = old & BTT_MAP_MASK;
+		ln->seq = seq_next[ln->seq];
+		ln->sub ^= 1;
+		ln->state = LANE_CLEAN;
+		a->clean_lanes++;
+	}
+	return 0;
+}
+
+/* Takes a clean lane for premap, committing first when the epoch cannot take it.
+ * Returns the lane index or a negative errno (elock held). */
+static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
+{
+	uint32_t n = a->lay.nfree;
+	int rc;
+
+	for (;;) {
+		if (b->failed)
+			return b->failed;
+		if (a->clean_lanes > 0 && stage_find(a, premap) < 0 &&
+		    b->nstaged < (uint32_t)b->narenas * BTT_NFREE)
+			break;
+		rc = commit_locked(b);
+		if (rc)
+			return rc;
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		uint32_t i = (a->next_lane + k) % n;
+		if (a->lanes[i].state == LANE_CLEAN) {
+			a->next_lane = (i + 1) % n;
+			a->lanes[i].state = LANE_RESERVED;
+			a->clean_lanes--;
+			pthread_mutex_lock(stripe_of(a, premap));
+			stage_insert(a, premap, STAGE_RESERVED, 0);
+			pthread_mutex_unlock(stripe_of(a, premap));
+			return (int)i;
+		}
+	}
+	return seterr(EIO, "internal error: no clean lane although %u are counted", a->clean_lanes);
+}
+
+static void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap)
+{
+	int i;
+
+	a->lanes[lane].state = LANE_CLEAN;
+	a->clean_lanes++;
+	pthread_mutex_lock(stripe_of(a, premap));
+	i = stage_find(a, premap);
+	if (i >= 0)
+		atomic_store(&a->stage[i], STAGE_TOMB << 32);
+	pthread_mutex_unlock(stripe_of(a, premap));
+	(void)b;
+}
+
+/* One sector: reserve -> data -> publish (§7.3 with the flog/map writes deferred). */
+static int write_sector(struct btt *b, struct arena *a, uint32_t premap, const uint8_t *src)
+{
+	uint32_t block, lane, crc = 0;
+	int rc, l;
+
+	pthread_mutex_lock(&b->elock);
+	l = reserve_lane(b, a, premap);
+	if (l < 0) {
+		pthread_mutex_unlock(&b->elock);
+		return l;
+	}
+	lane = (uint32_t)l;
+	block = a->lanes[lane].block;
+	b->inflight++;
+	pthread_mutex_unlock(&b->elock);
+
+	rtt_wait(a, block);
+	rc = b->io->ops->write(b->io, src, a->sector_size, block_off(a, block));
+	if (!rc && b->journal)
+		crc = btt_crc32c(0, src, a->sector_size);
+
+	pthread_mutex_lock(&b->elock);
+	b->inflight--;
+	if (!rc) {
+		uint32_t seq = a->lanes[lane].seq;
+		rc = stage_entry(b, a, lane, premap, block);
+		if (rc)
+			unreserve_lane(b, a, lane, premap);
+		else if (b->journal &&
+			 journal_append(b, (uint32_t)(a - b->arenas), lane, premap, block, seq, crc))
+			rc = commit_locked(b); /* no journal protection: commit it instead */
+		if (!rc)
+			b->stats.writes++;
+	} else {
+		unreserve_lane(b, a, lane, premap);
+	}
+	pthread_cond_broadcast(&b->econd);
+	pthread_mutex_unlock(&b->elock);
+	return rc;
+}
+
+static int write_flog(struct btt *b)
+{
+	for (int ai = 0; ai < b->narenas; ai++) {
+		struct arena *a = &b->arenas[ai];
+		uint32_t lo = UINT32_MAX, hi = 0;
+
+		for (uint32_t k = 0; k < b->nstaged; k++) {
+			const struct staged_entry *e = &b->staged[k];
+			struct flog_entry f = {e->premap, e->old, e->new_block, e->seq};
+			if (e->arena != ai)
+				continue;
+			flog_slot_put(a->flog_shadow + (size_t)e->lane * BTT_LOG_GROUP, e->slot, &f);
+			lo = e->lane < lo ? e->lane : lo;
+			hi = e->lane > hi ? e->lane : hi;
+		}
+		if (lo == UINT32_MAX)
+			continue;
+		/* One write for the dirty lanes' groups: unchanged bytes are rewritten with
+		 * the same values, and each 16-byte slot sits inside one 512-byte sector. */
+		int rc = b->io->ops->write(b->io, a->flog_shadow + (size_t)lo * BTT_LOG_GROUP,
+					   (size_t)(hi - lo + 1) * BTT_LOG_GROUP,
+					   a->base + a->lay.logoff + (uint64_t)lo * BTT_LOG_GROUP);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+static int write_maps(struct btt *b)
+{
+	for (uint32_t k = 0; k < b->nstaged; k++) {
+		const struct staged_entry *e = &b->staged[k];
+		struct arena *a = &b->arenas[e->arena];
+		pthread_mutex_t *stripe = stripe_of(a, e->premap);
+		int rc, i;
+
+		pthread_mutex_lock(stripe);
+		rc = arena_map_write(b, a, e->premap, BTT_MAP_NORMAL | e->new_block);
+		if (!rc && (i = stage_find(a, e->premap)) >= 0) {
+			atomic_store(&a->stage[i], STAGE_TOMB << 32);
+			atomic_fetch_sub(&a->nvisible, 1);
+		}
+		pthread_mutex_unlock(stripe);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+/* After the commit: each lane's freed block becomes its next free block (§6.6). */
+static void advance_lanes(struct btt *b)
+{
+	static const uint8_t zeros[65536];
+
+	if (btt_test_mutation == BTT_MUT_REUSE_BEFORE_COMMIT)
+		return; /* the broken variant advanced them at publish time */
+	for (uint32_t k = 0; k < b->nstaged; k++) {
+		const struct staged_entry *e = &b->staged[k];
+		struct arena *a = &b->arenas[e->arena];
+		struct lane *ln = &a->lanes[e->lane];
+
+		ln->seq = seq_next[e->seq];
+		ln->sub ^= 1;
+		ln->block = e->old & BTT_MAP_MASK;
+		if (e->old & BTT_MAP_E) /* as the kernel: clear the errored block */
+			b->io->ops->write(b->io, zeros, a->lay.internal_lbasize, block_off(a, ln->block));
+		ln->state = LANE_CLEAN;
+		a->clean_lanes++;
+	}
+}
+
+static int commit_locked(struct btt *b)
+{
+	int rc = 0;
+
+	while (b->inflight)
+		pthread_cond_wait(&b->econd, &b->elock);
+	if (b->failed || b->nstaged == 0)
+		return b->failed;
+	if (b->readonly)
+		return seterr(EROFS, "read-only");
+	if (btt_test_mutation == BTT_MUT_MAP_BEFORE_FLOG) {
+		rc = barrier(b);
+		if (!rc)
+			rc = write_maps(b);
+		if (!rc)
+			rc = write_flog(b);
+		if (!rc)
+			rc = barrier(b);
+	} else {
+		if (btt_test_mutation != BTT_MUT_FLOG_BEFORE_DATA_DURABLE)
+			rc = barrier(b); /* the staged data is durable ... */
+		if (!rc)
+			rc = write_flog(b); /* ... before any flog entry names it ... */
+		if (!rc)
+			rc = barrier(b); /* ... and the flog before any map entry (§7.3) */
+		if (!rc)
+			rc = write_maps(b);
+	}
+	if (rc) {
+		/* What reached the media is repairable by recovery, but this process can no
+		 * longer tell what did: refuse further writes until the BTT is reopened. */
+		b->failed = -EIO;
+		return seterr(-rc == ENOSPC ? ENOSPC : EIO, "commit failed, writes disabled until "
+			      "reopen: %s", btt_errmsg());
+	}
+	advance_lanes(b);
+	b->nstaged = 0;
+	for (int ai = 0; ai < b->narenas; ai++)
+		stage_reset(&b->arenas[ai]);
+	b->epoch++;
+	b->stats.commits++;
+	if (b->journal && journal_write_header(b)) {
+		b->failed = -EIO;
+		return seterr(EIO, "journal header write failed: %s", btt_errmsg());
+	}
+	return 0;
+}
+
+static struct arena *arena_of(struct btt *b, uint64_t lba, uint32_t *premap)
+{
+	int lo = 0, hi = b->narenas - 1;
+
+	while (lo < hi) {
+		int mid = (lo + hi + 1) / 2;
+		if (b->arenas[mid].lay.lba_start <= lba)
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+	*premap = (uint32_t)(lba - b->arenas[lo].lay.lba_start);
+	return &b->arenas[lo];
+}
+
+static int check_range(struct btt *b, uint64_t lba, uint64_t count)
+{
+	if (lba > b->nlba || count > b->nlba - lba)
+		return seterr(EINVAL, "sectors [%llu, +%llu) are beyond the %llu sectors of the BTT",
+			      (unsigned long long)lba, (unsigned long long)count,
+			      (unsigned long long)b->nlba);
+	return 0;
+}
+
+int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags)
+{
+	static const uint8_t zeros[4096];
+	const uint8_t *src = buf;
+	int rc = check_range(b, lba, count);
+
+	if (rc)
+		return rc;
+	if (b->readonly)
+		return seterr(EROFS, "the BTT is open read-only");
+	if (b->failed)
+		return seterr(EIO, "writes are disabled after a failed commit; reopen the BTT");
+	for (uint64_t i = 0; i < count && !rc; i++) {
+		uint32_t premap;
+		struct arena *a = arena_of(b, lba + i, &premap);
+		if (a->error_flag)
+			return seterr(EROFS, "arena %d has its error flag set; it is read-only",
+				      (int)(a - b->arenas));
+		rc = write_sector(b, a, premap, src ? src + i * b->sector_size : zeros);
+	}
+	if (!rc && (b->durability != BTT_DUR_GROUP || (flags & BTT_FUA)))
+		rc = btt_flush(b);
+	return rc;
+}
+
+int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags)
+{
+	return btt_write(b, lba, count, NULL, flags);
+}
+
+int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
+{
+	(void)b, (void)lba, (void)count, (void)flags;
+	return seterr(EOPNOTSUPP, "the zero-flag extension is not implemented yet");
+}
+
+int btt_flush(struct btt *b)
+{
+	int rc;
+
+	if (b->readonly)
+		return 0;
+	pthread_mutex_lock(&b->elock);
+	rc = commit_locked(b);
+	pthread_mutex_unlock(&b->elock);
+	if (b->failed && !rc)
+		rc = seterr(EIO, "an earlier commit failed; nothing is durable until reopen");
+	return rc;
+}
+
+/* ---- the read path (§7.2) ------------------------------------------------------------ */
+
+/* Reads sectors [premap, premap+n) of one arena. The map run is read with one pread and
+ * trusted only while no map write happened meanwhile (mapseq); each sector's mapping is
+ * then confirmed and published in the RTT under its map lock, so no writer can reuse
+ * the block before the copy is done. */
+static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, uint8_t *dst)
+{
+	uint8_t raw[4 * 256];
+	uint64_t seq = atomic_load(&a->mapseq);
+	uint32_t slot;
+	int rc;
+
+	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(b, a, premap));
+	if (rc)
+		return rc;
+	slot = rtt_acquire(a);
+	for (uint32_t i = 0; i < n && !rc; i++, dst += a->sector_size) {
+		uint32_t p = premap + i, entry, block;
+		pthread_mutex_t *stripe = stripe_of(a, p);
+
+		pthread_mutex_lock(stripe);
+		if (!staged_lookup(a, p, &entry)) {
+			if (atomic_load(&a->mapseq) == seq)
+				entry = get32(raw + 4 * i);
+			else
+				rc = arena_map_read(b, a, p, &entry);
+		}
+		block = map_resolve(entry, p);
+		if (!rc && (entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_E)
+			rc = seterr(EIO, "LBA %llu has a media error (map entry 0x%08x)",
+				    (unsigned long long)(a->lay.lba_start + p), entry);
+		else if (!rc && block >= a->lay.internal_nlba)
+			rc = seterr(EIO, "map entry 0x%08x of LBA %llu points beyond the %u data blocks",
+				    entry, (unsigned long long)(a->lay.lba_start + p),
+				    a->lay.internal_nlba);
+		if (!rc && (entry & (BTT_MAP_Z | BTT_MAP_E)) != BTT_MAP_Z)
+			atomic_store(&a->rtt[slot], RTT_VALID | block);
+		pthread_mutex_unlock(stripe);
+		if (rc)
+			break;
+		if ((entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_Z)
+			memset(dst, 0, a->sector_size); /* every sector, unlike Linux (§10.1) */
+		else
+			rc = b->io->ops->read(b->io, dst, a->sector_size, block_off(a, block));
+		atomic_store(&a->rtt[slot], RTT_PENDING);
+	}
+	atomic_store(&a->rtt[slot], 0);
+	return rc;
+}
+
+int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
+{
+	uint8_t *dst = buf;
+	int rc = check_range(b, lba, count);
+
+	while (!rc && count) {
+		uint32_t premap;
+		struct arena *a = arena_of(b, lba, &premap);
+		uint64_t left = a->lay.external_nlba - premap;
+		uint32_t n = (uint32_t)(count < left ? count : left);
+		if (n > 256)
+			n = 256;
+		rc = read_run(b, a, premap, n, dst);
+		dst += (size_t)n * b->sector_size, lba += n, count -= n;
+	}
+	return rc;
+}
+
+/* ---- open / close ---------------------------------------------------------------- */
+
+static void free_btt(struct btt *b)
+{
+	for (int i = 0; i < b->narenas; i++) {
+		free(b->arenas[i].lanes);
+		free((void *)b->arenas[i].rtt);
+		free(b->arenas[i].flog_shadow);
+	}
+	free(b->arenas);
+	free(b->staged);
+	free(b);
+}
+
+int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **out)
+{
+	static const int order_auto[] = {11, 20}, order_11[] = {11}, order_20[] = {20};
+	const int *order = p->version == 11 ? order_11 : p->version == 20 ? order_20 : order_auto;
+	int norder = p->version ? 1 : 2, rc = 0, found = -1;
+	struct btt_info first;
+	char why[2][200] = {"", ""};
+	struct btt *b;
+
+	if (p->version && p->version != 11 && p->version != 20)
+		return seterr(EINVAL, "version must be 1.1 or 2.0");
+	if (p->durability < BTT_DUR_GROUP || p->durability > BTT_DUR_NONE)
+		return seterr(EINVAL, "unknown durability mode %d", p->durability);
+	if (p->ns_offset + p->ns_size < p->ns_offset || io->ops->size(io) < p->ns_offset + p->ns_size)
+		return seterr(EINVAL, "namespace [%llu, +%llu) lies beyond the end of the backing store",
+			      (unsigned long long)p->ns_offset, (unsigned long long)p->ns_size);
+	for (int k = 0; k < norder && found < 0; k++) {
+		uint64_t initial = order[k] == 11 ? BTT_PG_SIZE : 0;
+		if (p->ns_size < initial + BTT_ARENA_MIN) {
+			snprintf(why[k], sizeof(why[k]), "namespace too small for BTT %s",
+				 order[k] == 11 ? "1.1" : "2.0");
+			continue;
+		}
+		rc = read_info(io, p->ns_offset + initial, p, &first);
+		if (!rc && !(first.version_major == order[k] / 10 && first.version_minor == order[k] % 10))
+			rc = seterr(ENODEV, "info block at offset %llu is version %u.%u, expected %d.%d",
+				    (unsigned long long)(p->ns_offset + initial), first.version_major,
+				    first.version_minor, order[k] / 10, order[k] % 10);
+		if (rc)
+			snprintf(why[k], sizeof(why[k]), "%s", btt_errmsg());
+		else
+			found = k;
+	}
+	if (found < 0)
+		return seterr(ENODEV, "no valid BTT: %s%s%s", why[0], norder > 1 ? "; " : "",
+			      norder > 1 ? why[1] : "");
+
+	b = calloc(1, sizeof(*b));
+	if (!b)
+		return seterr(ENOMEM, "out of memory");
+	b->io = io;
+	b->ns_offset = p->ns_offset;
+	b->ns_size = p->ns_size;
+	b->readonly = p->readonly;
+	b->durability = p->durability;
+	b->journal = p->durability == BTT_DUR_GROUP ? p->journal : NULL;
+	memcpy(b->boot_id, p->boot_id, 16);
+	memcpy(b->uuid, first.uuid, 16);
+	b->btt_offset = p->ns_offset + (order[found] == 11 ? BTT_PG_SIZE : 0);
+	b->lbasize = first.external_lbasize;
+	b->sector_size = data_bytes(first.external_lbasize);
+	pthread_mutex_init(&b->elock, NULL);
+	pthread_cond_init(&b->econd, NULL);
+
+	rc = discover(b, p, b->btt_offset, &first);
+	if (!rc) {
+		b->staged = calloc((size_t)b->narenas * BTT_NFREE, sizeof(*b->staged));
+		if (!b->staged)
+			rc = seterr(ENOMEM, "out of memory");
+	}
+	if (!rc && !b->readonly)
+		rc = barrier(b); /* redo writes durable before new writes reuse blocks */
+	if (!rc && b->journal) {
+		/* A random first epoch: entries left by any earlier run can never match it. */
+		if (getrandom(&b->epoch, sizeof(b->epoch), 0) != sizeof(b->epoch))
+			b->epoch = (uint64_t)time(NULL) << 20;
+		int r = journal_replay(b);
+		rc = r < 0 ? r : 0;
+		if (!rc && !b->readonly) {
+			pthread_mutex_lock(&b->elock);
+			rc = commit_locked(b);
+			pthread_mutex_unlock(&b->elock);
+			b->epoch++;
+			if (!rc)
+				rc = journal_write_header(b);
+		}
+	}
+	if (rc) {
+		free_btt(b);
+		return rc;
+	}
+	*out = b;
+	return 0;
+}
+
+static void *timer_main(void *arg)
+{
+	struct btt *b = arg;
+
+	pthread_mutex_lock(&b->elock);
+	while (!b->timer_stop) {
+		/* econd is signalled by every write; wait out the whole interval regardless. */
+		struct timespec t;
+		clock_gettime(CLOCK_REALTIME, &t);
+		t.tv_nsec += (long)(b->timer_ms % 1000) * 1000000L;
+		t.tv_sec += b->timer_ms / 1000 + t.tv_nsec / 1000000000L;
+		t.tv_nsec %= 1000000000L;
+		while (!b->timer_stop && pthread_cond_timedwait(&b->econd, &b->elock, &t) != ETIMEDOUT)
+			;
+		if (!b->timer_stop && b->nstaged)
+			commit_locked(b);
+	}
+	pthread_mutex_unlock(&b->elock);
+	return NULL;
+}
+
+int btt_start_timer(struct btt *b, unsigned interval_ms)
+{
+	int rc;
+
+	if (b->timer_running || b->readonly || b->durability != BTT_DUR_GROUP)
+		return 0;
+	b->timer_ms = interval_ms ? interval_ms : 1;
+	b->timer_stop = false;
+	rc = pthread_create(&b->timer, NULL, timer_main, b);
+	if (rc)
+		return seterr(rc, "cannot start the commit timer thread");
+	b->timer_running = true;
+	return 0;
+}
+
+int btt_close(struct btt *b)
+{
+	int rc = 0;
+
+	if (!b)
+		return 0;
+	if (b->timer_running) {
+		pthread_mutex_lock(&b->elock);
+		b->timer_stop = true;
+		pthread_cond_broadcast(&b->econd);
+		pthread_mutex_unlock(&b->elock);
+		pthread_join(b->timer, NULL);
+	}
+	if (!b->readonly) {
+		rc = btt_flush(b);
+		if (!rc)
+			rc = barrier(b); /* the last map writes too: a clean close needs no redo */
+	}
+	free_btt(b);
+	return rc;
+}
+
+/* ---- accessors and tools -------------------------------------------------------------- */
+
+uint64_t btt_nlba(struct btt *b) { return b->nlba; }
+uint32_t btt_sector_size(struct btt *b) { return b->sector_size; }
+uint32_t btt_lbasize(struct btt *b) { return b->lbasize; }
+int btt_narenas(struct btt *b) { return b->narenas; }
+
+int btt_arena_info(struct btt *b, int i, struct btt_info *info, struct btt_arena_layout *lay)
+{
+	if (i < 0 || i >= b->narenas)
+		return -EINVAL;
+	*info = b->arenas[i].info;
+	*lay = b->arenas[i].lay;
+	return 0;
+}
+
+int btt_flog_scheme(struct btt *b, int i, int *idx0, int *idx1)
+{
+	if (i < 0 || i >= b->narenas)
+		return -EINVAL;
+	*idx0 = b->arenas[i].log_index[0];
+	*idx1 = b->arenas[i].log_index[1];
+	return 0;
+}
+
+void btt_get_stats(struct btt *b, struct btt_stats *s)
+{
+	pthread_mutex_lock(&b->elock);
+	*s = b->stats;
+	pthread_mutex_unlock(&b->elock);
+}
+
+struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block)
+{
+	struct lane *ln = &a->lanes[i];
+	*free_block = ln->state == LANE_STAGED ? (ln->st_old & BTT_MAP_MASK) : ln->block;
+	return ln;
+}
+
+int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags)
+{
+	uint32_t premap, entry;
+	struct arena *a;
+	int rc = check_range(b, lba, 1);
+
+	if (rc)
+		return rc;
+	rc = btt_flush(b);
+	if (rc)
+		return rc;
+	a = arena_of(b, lba, &premap);
+	pthread_mutex_lock(stripe_of(a, premap));
+	rc = arena_map_read(b, a, premap, &entry);
+	if (!rc)
+		rc = arena_map_write(b, a, premap,
+				     (flags & (BTT_MAP_Z | BTT_MAP_E)) | map_resolve(entry, premap));
+	pthread_mutex_unlock(stripe_of(a, premap));
+	return rc;
+}

@@ -1,0 +1,214 @@
+/*
+ * btt.h - public interface of the BTT engine.
+ *
+ * The engine reads and writes the Linux kernel's Block Translation Table format
+ * (drivers/nvdimm/btt.c; ../shared/docs/btt-format.md) on top of a small I/O vtable,
+ * so the same code runs over a file (production) and over memory (tests that record
+ * every write and barrier to build crash images).
+ *
+ * Every function that can fail returns 0 or a negative errno and leaves a one-line
+ * explanation in a per-thread buffer that btt_errmsg() returns.
+ */
+#ifndef BTT_H
+#define BTT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- I/O backends (backend.c) ------------------------------------------------ */
+
+struct btt_io;
+
+struct btt_io_ops {
+	/* Full-length transfer or a negative errno (a short read past EOF is -EIO). */
+	int (*read)(struct btt_io *io, void *buf, size_t len, uint64_t off);
+	int (*write)(struct btt_io *io, const void *buf, size_t len, uint64_t off);
+	/* Make every completed write durable (fdatasync). */
+	int (*sync)(struct btt_io *io);
+	/* Make [off, off+len) read as zeros without necessarily writing them (hole punch). */
+	int (*zero)(struct btt_io *io, uint64_t off, uint64_t len);
+	uint64_t (*size)(struct btt_io *io);
+	void (*destroy)(struct btt_io *io);
+};
+
+struct btt_io {
+	const struct btt_io_ops *ops;
+};
+
+/* create: make the file if missing; min_size: extend (sparsely) to at least this size. */
+int btt_file_open(const char *path, int readonly, int create, uint64_t min_size, struct btt_io **out);
+struct btt_io *btt_mem_new(uint64_t size);
+struct btt_io *btt_mem_clone(struct btt_io *mem);
+void btt_io_destroy(struct btt_io *io);
+int btt_io_read(struct btt_io *io, void *buf, size_t len, uint64_t off);
+int btt_io_write(struct btt_io *io, const void *buf, size_t len, uint64_t off);
+int btt_io_sync(struct btt_io *io);
+uint64_t btt_io_size(struct btt_io *io);
+
+/* Recording (memory backend only): every write and every sync becomes a record. */
+enum { BTT_REC_WRITE = 1, BTT_REC_SYNC = 2 };
+int btt_mem_set_recording(struct btt_io *mem, int on);
+size_t btt_mem_record_count(struct btt_io *mem);
+int btt_mem_record_get(struct btt_io *mem, size_t i, int *kind, uint64_t *off, uint64_t *len);
+int btt_mem_record_data(struct btt_io *mem, size_t i, void *buf, size_t len);
+void btt_mem_record_clear(struct btt_io *mem);
+/* Write without recording (to assemble crash images). */
+int btt_mem_poke(struct btt_io *mem, const void *buf, size_t len, uint64_t off);
+/* Test hook: a sync that fails with this errno (0 = off), to model fdatasync errors. */
+int btt_mem_fail_sync(struct btt_io *mem, int err);
+
+/* ---- on-media constants (btt-format.md §1) ------------------------------------ */
+
+#define BTT_INFO_SIZE 4096u
+#define BTT_PG_SIZE 4096u
+#define BTT_ARENA_MIN (1ull << 24)
+#define BTT_ARENA_MAX (1ull << 39)
+#define BTT_NFREE 256u
+#define BTT_MAP_Z 0x80000000u
+#define BTT_MAP_E 0x40000000u
+#define BTT_MAP_MASK 0x3FFFFFFFu
+#define BTT_MAP_NORMAL 0xC0000000u
+#define BTT_LOG_GROUP 64u
+#define BTT_IB_FLAG_ERROR 0x1u
+
+/* One info block, decoded (all fields of btt-format.md §3). */
+struct btt_info {
+	uint8_t signature[16];
+	uint8_t uuid[16];
+	uint8_t parent_uuid[16];
+	uint32_t flags;
+	uint16_t version_major;
+	uint16_t version_minor;
+	uint32_t external_lbasize;
+	uint32_t external_nlba;
+	uint32_t internal_lbasize;
+	uint32_t internal_nlba;
+	uint32_t nfree;
+	uint32_t infosize;
+	uint64_t nextoff;
+	uint64_t dataoff;
+	uint64_t mapoff;
+	uint64_t logoff;
+	uint64_t info2off;
+	uint64_t checksum;
+};
+
+uint64_t btt_fletcher64(const void *buf, size_t len);
+/* Pack fills the checksum; unpack reports whether the stored checksum matches. */
+void btt_info_pack(struct btt_info *info, uint8_t out[4096]);
+void btt_info_unpack(const uint8_t in[4096], struct btt_info *info, int *checksum_ok);
+int btt_lbasize_supported(uint32_t lbasize);
+uint32_t btt_internal_lbasize(uint32_t lbasize);
+
+/* One arena of a computed or discovered layout. Offsets relative to the arena start,
+ * as on media, except `start` (byte offset from the BTT start). */
+struct btt_arena_layout {
+	uint64_t start;
+	uint64_t size;
+	uint64_t lba_start;
+	uint32_t external_nlba;
+	uint32_t internal_nlba;
+	uint32_t internal_lbasize;
+	uint32_t nfree;
+	uint64_t dataoff, mapoff, logoff, info2off, nextoff;
+};
+
+/* The arena layout for a BTT of `rawsize` bytes (btt-format.md §4). Returns the number of
+ * arenas (writing at most `max` of them) or -EINVAL (unsupported lbasize) / -ENXIO (too
+ * small). arena_max = 0 means the kernel's 512 GiB; other values exist for tests only. */
+int btt_compute_layout(uint64_t rawsize, uint32_t lbasize, uint64_t arena_max,
+		       struct btt_arena_layout *out, int max);
+
+/* ---- the engine (btt.c) ------------------------------------------------------- */
+
+struct btt;
+
+enum btt_durability { BTT_DUR_GROUP = 0, BTT_DUR_STRICT = 1, BTT_DUR_NONE = 2 };
+
+struct btt_format_params {
+	uint64_t ns_offset;     /* namespace start in the backing store */
+	uint64_t ns_size;       /* namespace size */
+	uint32_t lbasize;       /* external lbasize: 512 520 528 4096 4104 4160 4224 */
+	uint16_t version_major; /* 1 (v1.1, at +4 KiB) or 2 (v2.0, at +0) */
+	uint16_t version_minor;
+	uint8_t uuid[16];
+	uint8_t parent_uuid[16];
+	uint64_t arena_max; /* 0 = 512 GiB; smaller values make test geometries (not kernel) */
+};
+
+struct btt_open_params {
+	uint64_t ns_offset;
+	uint64_t ns_size;
+	int version;           /* 0 = autodetect (1.1 at +4 KiB, then 2.0 at +0), 11, 20 */
+	int check_parent;      /* 1: a non-zero parent_uuid on media must equal parent_uuid */
+	uint8_t parent_uuid[16];
+	int readonly;
+	int durability;        /* enum btt_durability */
+	struct btt_io *journal; /* group mode: intent journal (process-crash safety); may be NULL */
+	uint8_t boot_id[16];    /* journal entries from another boot are not replayed */
+};
+
+int btt_format(struct btt_io *io, const struct btt_format_params *p);
+int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **out);
+/* Commits staged writes, stops the timer and frees everything; returns the commit's result. */
+int btt_close(struct btt *b);
+
+int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf);
+int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags);
+int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags);
+/* Zero-flag extension: mark sectors as reading zeros by setting Z in their map entries. */
+int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags);
+int btt_flush(struct btt *b);
+/* Group mode: commit staged writes at least every interval_ms from a background thread. */
+int btt_start_timer(struct btt *b, unsigned interval_ms);
+
+#define BTT_FUA 1
+
+uint64_t btt_nlba(struct btt *b);
+uint32_t btt_sector_size(struct btt *b);
+uint32_t btt_lbasize(struct btt *b);
+int btt_narenas(struct btt *b);
+int btt_arena_info(struct btt *b, int i, struct btt_info *info, struct btt_arena_layout *lay);
+int btt_flog_scheme(struct btt *b, int arena, int *idx0, int *idx1);
+
+struct btt_stats {
+	uint64_t writes;        /* sectors written */
+	uint64_t commits;
+	uint64_t syncs;         /* barriers issued to the backend */
+	uint64_t journal_replayed;
+	uint64_t redo_applied;
+};
+void btt_get_stats(struct btt *b, struct btt_stats *s);
+
+/* ---- checking (check.c) ------------------------------------------------------- */
+
+struct btt_check_result {
+	uint64_t blocks;       /* internal blocks examined */
+	uint64_t out_of_range; /* map or free-list entries pointing outside the data area */
+	uint64_t duplicates;   /* blocks referenced more than once */
+	uint64_t unreferenced; /* blocks referenced by neither map nor free list */
+	uint64_t error_entries; /* map entries with only E set */
+	uint64_t zero_entries;  /* map entries with only Z set */
+};
+/* The bitmap rule: every internal block referenced exactly once by map + free list.
+ * Problems are described in msgbuf (one per line, truncated). */
+int btt_check(struct btt *b, struct btt_check_result *r, char *msgbuf, size_t msglen);
+
+/* ---- tests and tools ---------------------------------------------------------- */
+
+/* Test-only switches that break the write ordering; the crash tests prove they are caught. */
+enum {
+	BTT_MUT_NONE = 0,
+	BTT_MUT_MAP_BEFORE_FLOG = 1,
+	BTT_MUT_FLOG_BEFORE_DATA_DURABLE = 2,
+	BTT_MUT_REUSE_BEFORE_COMMIT = 3,
+};
+extern int btt_test_mutation;
+
+/* Set raw flag bits on a sector's map entry (error injection: E = media error). */
+int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags);
+
+const char *btt_errmsg(void);
+uint32_t btt_crc32c(uint32_t crc, const void *buf, size_t len);
+
+#endif

@@ -1,0 +1,109 @@
+/*
+ * btt_int.h - engine internals shared by btt.c (I/O path) and check.c (checker).
+ */
+#ifndef BTT_INT_H
+#define BTT_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "btt.h"
+
+#define RTT_VALID 0x80000000u
+#define NSTRIPES 256u /* map locks per arena, as the kernel's nfree map locks */
+#define STAGE_SLOTS 1024u /* hash slots per arena; > 2 x max staged entries (nfree <= 256) */
+
+/* The per-thread error message of btt_errmsg(). Returns -err for `return seterr(...)`. */
+int seterr(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+enum lane_state { LANE_CLEAN = 0, LANE_RESERVED, LANE_STAGED };
+
+/* A lane owns one free block and one flog group (btt-format.md §6, §7.1). */
+struct lane {
+	uint32_t block;     /* the free block the next write in this lane fills */
+	uint32_t seq;       /* sequence number the next flog entry gets (1..3) */
+	uint8_t sub;        /* which live slot (index into log_index) the next entry goes to */
+	uint8_t state;      /* enum lane_state, under btt.elock */
+	uint32_t st_old;    /* while LANE_STAGED: the block the staged write frees */
+};
+
+/* A write whose data is in place and whose flog/map updates wait for the next commit. */
+struct staged_entry {
+	uint16_t arena, lane;
+	uint32_t premap;
+	uint32_t old;       /* old block, with BTT_MAP_E if the old entry was an error entry */
+	uint32_t new_block;
+	uint32_t seq;
+	uint8_t slot;       /* flog slot (0..3) the entry goes to */
+};
+
+/* One flog slot as on media (four little-endian u32). */
+struct flog_entry {
+	uint32_t lba, old_map, new_map, seq;
+};
+
+struct arena {
+	struct btt_arena_layout lay; /* geometry; offsets relative to the arena */
+	struct btt_info info;         /* the primary info block as read or written */
+	uint64_t base;                /* absolute backing-store offset of the arena */
+	uint32_t sector_size;         /* data bytes per LBA the engine transfers */
+	int log_index[2];             /* the two live slots: (0,1) or (0,2) */
+	bool error_flag;              /* IB_FLAG_ERROR: writes refused */
+
+	struct lane *lanes;      /* nfree */
+	uint32_t clean_lanes;    /* lanes in LANE_CLEAN, under elock */
+	uint32_t next_lane;      /* round-robin cursor */
+	uint8_t *flog_shadow;    /* in-memory copy of the flog groups, nfree * 64 bytes */
+
+	_Atomic uint32_t *rtt;   /* nfree read-tracking slots: RTT_VALID | block, or 0 */
+	pthread_mutex_t stripes[NSTRIPES]; /* map locks */
+	/* Staged map words, visible to readers: key premap+1 (0 = empty), value map word,
+	 * or STAGE_RESERVED while the data is still being written. Changed under elock
+	 * and the premap's stripe; read under the stripe. */
+	_Atomic uint64_t stage[STAGE_SLOTS];
+	_Atomic uint32_t nvisible; /* published staged entries (readers skip lookups at 0) */
+	_Atomic uint64_t mapseq;   /* bumped after every on-media map write */
+};
+
+struct btt {
+	struct btt_io *io;
+	struct btt_io *journal;
+	uint64_t ns_offset, ns_size, btt_offset; /* btt_offset: absolute start of arena 0 */
+	int narenas;
+	struct arena *arenas;
+	uint64_t nlba;
+	uint32_t sector_size, lbasize;
+	uint8_t uuid[16];
+	uint8_t boot_id[16];
+	int readonly;
+	int durability;
+
+	/* The epoch lock: lane allocation, staging, commit, journal. Readers never take it. */
+	pthread_mutex_t elock;
+	pthread_cond_t econd;
+	uint32_t inflight;      /* reserved lanes whose data write is still running */
+	uint32_t nstaged;       /* staged entries waiting for the next commit */
+	struct staged_entry *staged; /* in staging order, narenas * 256 at most */
+	uint64_t epoch;
+	uint32_t journal_next;  /* next journal entry index in this epoch */
+	int failed;             /* sticky error after a failed commit: -EIO */
+
+	pthread_t timer;
+	bool timer_running;
+	bool timer_stop;
+	unsigned timer_ms;
+
+	struct btt_stats stats;
+};
+
+static inline uint32_t map_resolve(uint32_t entry, uint32_t premap)
+{
+	return (entry & (BTT_MAP_Z | BTT_MAP_E)) == 0 ? premap : (entry & BTT_MAP_MASK);
+}
+
+int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry);
+int staged_lookup(struct arena *a, uint32_t premap, uint32_t *word);
+struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block);
+
+#endif

@@ -1,0 +1,411 @@
+"""The BTT engine's Python face: a thin layer over the cffi module.
+
+Every read/write is one call into C with the GIL released; nothing here loops per sector.
+Errors come back as BttError (an OSError) carrying the C side's errno and message.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import uuid as _uuid
+
+from ._btt_cffi import ffi, lib
+
+DURABILITY = {"group": lib.BTT_DUR_GROUP, "strict": lib.BTT_DUR_STRICT, "none": lib.BTT_DUR_NONE}
+VERSIONS = {"1.1": (1, 1), "2.0": (2, 0)}
+SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+INFO_FIELDS = ("flags", "version_major", "version_minor", "external_lbasize", "external_nlba",
+               "internal_lbasize", "internal_nlba", "nfree", "infosize", "nextoff", "dataoff",
+               "mapoff", "logoff", "info2off", "checksum")
+
+
+class BttError(OSError):
+    """An engine failure; .errno is meaningful (EIO, ENOSPC, EROFS, EINVAL, EUCLEAN, ...)."""
+
+
+def _check(rc: int, what: str = "") -> int:
+    if rc < 0:
+        msg = ffi.string(lib.btt_errmsg()).decode(errors="replace")
+        if what:
+            msg = f"{what}: {msg}" if msg else what
+        raise BttError(-rc, msg or os.strerror(-rc))
+    return rc
+
+
+def _uuid_bytes(value) -> bytes:
+    if value is None:
+        return bytes(16)
+    if isinstance(value, _uuid.UUID):
+        return value.bytes
+    if isinstance(value, (bytes, bytearray)) and len(value) == 16:
+        return bytes(value)
+    return _uuid.UUID(str(value)).bytes
+
+
+def boot_id() -> bytes:
+    """This boot's identity: journal entries of another boot are never replayed."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return _uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+class Io:
+    """A backing store: a file, or copy-on-write memory that can record writes (tests)."""
+
+    def __init__(self, ptr, kind: str):
+        self._ptr = ptr
+        self.kind = kind
+
+    @classmethod
+    def file(cls, path, *, readonly=False, create=False, min_size=0) -> "Io":
+        out = ffi.new("struct btt_io **")
+        _check(lib.btt_file_open(os.fsencode(path), int(readonly), int(create), min_size, out))
+        return cls(out[0], "file")
+
+    @classmethod
+    def memory(cls, size: int) -> "Io":
+        ptr = lib.btt_mem_new(size)
+        if ptr == ffi.NULL:
+            raise MemoryError("cannot allocate a memory image")
+        return cls(ptr, "memory")
+
+    def clone(self) -> "Io":
+        ptr = lib.btt_mem_clone(self._ptr)
+        if ptr == ffi.NULL:
+            raise BttError(_errno.EINVAL, "only memory images can be cloned")
+        return Io(ptr, "memory")
+
+    @property
+    def size(self) -> int:
+        return lib.btt_io_size(self._ptr)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = ffi.new("uint8_t[]", length)
+        _check(lib.btt_io_read(self._ptr, buf, length, offset))
+        return bytes(ffi.buffer(buf, length))
+
+    def write(self, offset: int, data) -> None:
+        _check(lib.btt_io_write(self._ptr, ffi.from_buffer(data), len(data), offset))
+
+    def poke(self, offset: int, data) -> None:
+        """Memory images: write without recording (assembling crash images)."""
+        _check(lib.btt_mem_poke(self._ptr, ffi.from_buffer(data), len(data), offset))
+
+    def sync(self) -> None:
+        _check(lib.btt_io_sync(self._ptr))
+
+    def set_recording(self, on: bool) -> None:
+        _check(lib.btt_mem_set_recording(self._ptr, int(on)))
+
+    def fail_sync(self, err: int) -> None:
+        _check(lib.btt_mem_fail_sync(self._ptr, err))
+
+    def records(self):
+        """[("write", offset, bytes) | ("sync", 0, b"")] in issue order; then cleared."""
+        out = []
+        kind, off, length = ffi.new("int *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        for i in range(lib.btt_mem_record_count(self._ptr)):
+            _check(lib.btt_mem_record_get(self._ptr, i, kind, off, length))
+            if kind[0] == lib.BTT_REC_SYNC:
+                out.append(("sync", 0, b""))
+            else:
+                buf = ffi.new("uint8_t[]", length[0] or 1)
+                _check(lib.btt_mem_record_data(self._ptr, i, buf, length[0]))
+                out.append(("write", off[0], bytes(ffi.buffer(buf, length[0]))))
+        lib.btt_mem_record_clear(self._ptr)
+        return out
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.btt_io_destroy(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+def compute_layout(rawsize: int, lbasize: int, arena_max: int = 0) -> list[dict]:
+    """The arenas a BTT of rawsize bytes gets (btt-format.md §4); raises on rejection."""
+    n = _check(lib.btt_compute_layout(rawsize, lbasize, arena_max, ffi.NULL, 0))
+    out = ffi.new("struct btt_arena_layout[]", n)
+    lib.btt_compute_layout(rawsize, lbasize, arena_max, out, n)
+    return [_layout_dict(out[i]) for i in range(n)]
+
+
+def _layout_dict(lay) -> dict:
+    return {k: getattr(lay, k) for k in ("start", "size", "lba_start", "external_nlba",
+                                           "internal_nlba", "internal_lbasize", "nfree", "dataoff",
+                                           "mapoff", "logoff", "info2off", "nextoff")}
+
+
+def info_dict(info, checksum_ok=None) -> dict:
+    d = {"signature": bytes(info.signature), "uuid": str(_uuid.UUID(bytes=bytes(info.uuid))),
+         "parent_uuid": str(_uuid.UUID(bytes=bytes(info.parent_uuid)))}
+    d.update({k: getattr(info, k) for k in INFO_FIELDS})
+    if checksum_ok is not None:
+        d["checksum_ok"] = bool(checksum_ok)
+    return d
+
+
+def unpack_info(block: bytes) -> dict:
+    """Decodes a 4096-byte info block (no validation beyond the checksum flag)."""
+    if len(block) != 4096:
+        raise ValueError("an info block is 4096 bytes")
+    info, ok = ffi.new("struct btt_info *"), ffi.new("int *")
+    lib.btt_info_unpack(block, info, ok)
+    return info_dict(info, ok[0])
+
+
+def pack_info(fields: dict) -> bytes:
+    """Encodes an info block from §3 field names; the checksum is computed."""
+    info = ffi.new("struct btt_info *")
+    info.signature = b"BTT_ARENA_INFO\0\0"
+    for k, v in fields.items():
+        if k in ("uuid", "parent_uuid"):
+            setattr(info, k, list(_uuid_bytes(v)))
+        elif k == "signature":
+            info.signature = list(v)
+        elif k != "checksum":
+            setattr(info, k, v)
+    out = ffi.new("uint8_t[4096]")
+    lib.btt_info_pack(info, out)
+    return bytes(out)
+
+
+def _journal_path(path, offset: int) -> str:
+    path = os.fspath(path)
+    return f"{path}.journal" if offset == 0 else f"{path}.journal.{offset}"
+
+
+class Btt:
+    """An open BTT. Thread-safe: reads and writes may run concurrently from many threads."""
+
+    def __init__(self, ptr, io: Io, journal: Io | None, journal_path: str | None,
+                 readonly: bool, durability: str):
+        self._ptr = ptr
+        self._io = io
+        self._journal = journal
+        self._journal_path = journal_path
+        self.readonly = readonly
+        self.durability = durability
+        self.sector_size = lib.btt_sector_size(ptr)
+        self.lbasize = lib.btt_lbasize(ptr)
+        self.nlba = lib.btt_nlba(ptr)
+        self.arenas = self._arenas()
+        a0 = self.arenas[0]
+        self.version = f"{a0['version_major']}.{a0['version_minor']}"
+        self.uuid = a0["uuid"]
+        self.parent_uuid = a0["parent_uuid"]
+
+    # ---- creating and opening -------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, *, offset=0, size=None, sector_size=4096, version="1.1", uuid=None,
+               parent_uuid=None, durability="group", arena_max=0) -> "Btt":
+        """Formats a fresh BTT over [offset, offset+size) of path and opens it.
+
+        A missing file is created (sparse) when size is given; size=None means up to the
+        end of the file."""
+        if size is None and not os.path.exists(path):
+            raise BttError(_errno.EINVAL, f"{path} does not exist; give size= to create it")
+        io = Io.file(path, create=size is not None, min_size=offset + (size or 0))
+        try:
+            if size is None:
+                size = io.size - offset
+            cls.format_io(io, offset=offset, size=size, sector_size=sector_size, version=version,
+                          uuid=uuid, parent_uuid=parent_uuid, arena_max=arena_max)
+        finally:
+            io.close()
+        return cls.open(path, offset=offset, size=size, parent_uuid=parent_uuid,
+                        durability=durability, version=version)
+
+    @staticmethod
+    def format_io(io: Io, *, offset=0, size=None, sector_size=4096, version="1.1", uuid=None,
+                  parent_uuid=None, arena_max=0) -> None:
+        if version not in VERSIONS:
+            raise BttError(_errno.EINVAL, f"version must be one of {', '.join(VERSIONS)}")
+        if sector_size not in SECTOR_SIZES:
+            raise BttError(_errno.EINVAL, f"sector size {sector_size} is not one of "
+                           f"{' '.join(map(str, SECTOR_SIZES))}")
+        p = ffi.new("struct btt_format_params *")
+        p.ns_offset = offset
+        p.ns_size = io.size - offset if size is None else size
+        p.lbasize = sector_size
+        p.version_major, p.version_minor = VERSIONS[version]
+        p.uuid = list(_uuid_bytes(uuid) if uuid is not None else _uuid.uuid4().bytes)
+        p.parent_uuid = list(_uuid_bytes(parent_uuid))
+        p.arena_max = arena_max
+        _check(lib.btt_format(io._ptr, p), "format")
+
+    @classmethod
+    def open(cls, path, *, offset=0, size=None, parent_uuid=None, readonly=False,
+             durability="group", version=None, journal=None) -> "Btt":
+        """Opens an existing BTT; recovery (map redo, journal replay) runs here."""
+        io = Io.file(path, readonly=readonly)
+        jpath = os.fspath(journal) if journal else _journal_path(path, offset)
+        jio = None
+        try:
+            if durability == "group":
+                if readonly:
+                    jio = Io.file(jpath, readonly=True) if os.path.exists(jpath) else None
+                else:
+                    jio = Io.file(jpath, create=True)
+            return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,
+                               readonly=readonly, durability=durability, version=version,
+                               journal=jio, journal_path=jpath)
+        except BaseException:
+            io.close()
+            if jio:
+                jio.close()
+            raise
+
+    @classmethod
+    def open_io(cls, io: Io, *, offset=0, size=None, parent_uuid=None, readonly=False,
+                durability="group", version=None, journal: Io | None = None,
+                journal_path=None, boot=None) -> "Btt":
+        if durability not in DURABILITY:
+            raise BttError(_errno.EINVAL, f"durability must be one of {', '.join(DURABILITY)}")
+        if version is not None and version not in VERSIONS:
+            raise BttError(_errno.EINVAL, f"version must be one of {', '.join(VERSIONS)}")
+        p = ffi.new("struct btt_open_params *")
+        p.ns_offset = offset
+        p.ns_size = io.size - offset if size is None else size
+        p.version = {None: 0, "1.1": 11, "2.0": 20}[version]
+        p.check_parent = int(parent_uuid is not None)
+        p.parent_uuid = list(_uuid_bytes(parent_uuid))
+        p.readonly = int(readonly)
+        p.durability = DURABILITY[durability]
+        p.journal = journal._ptr if journal else ffi.NULL
+        p.boot_id = list(boot if boot is not None else boot_id())
+        out = ffi.new("struct btt **")
+        _check(lib.btt_open(io._ptr, p, out))
+        return cls(out[0], io, journal, journal_path, bool(readonly), durability)
+
+    # ---- I/O: one C call per request ------------------------------------------------
+
+    def _whole(self, nbytes: int) -> int:
+        if nbytes % self.sector_size:
+            raise BttError(_errno.EINVAL, f"{nbytes} bytes is not a whole number of "
+                           f"{self.sector_size}-byte sectors")
+        return nbytes // self.sector_size
+
+    def read(self, lba: int, nsectors: int) -> bytes:
+        buf = bytearray(nsectors * self.sector_size)
+        self.readinto(lba, buf)
+        return bytes(buf)
+
+    def readinto(self, lba: int, buf) -> None:
+        n = self._whole(len(buf) if not isinstance(buf, memoryview) else buf.nbytes)
+        _check(lib.btt_read(self._ptr, lba, n, ffi.from_buffer(buf, require_writable=True)))
+
+    def write(self, lba: int, data, fua: bool = False) -> None:
+        n = self._whole(len(data) if not isinstance(data, memoryview) else data.nbytes)
+        _check(lib.btt_write(self._ptr, lba, n, ffi.from_buffer(data), lib.BTT_FUA if fua else 0))
+
+    def write_zeroes(self, lba: int, nsectors: int, fua: bool = False) -> None:
+        _check(lib.btt_write_zeroes(self._ptr, lba, nsectors, lib.BTT_FUA if fua else 0))
+
+    def flush(self) -> None:
+        _check(lib.btt_flush(self._ptr))
+
+    def start_timer(self, interval_ms: int = 50) -> None:
+        _check(lib.btt_start_timer(self._ptr, interval_ms))
+
+    # ---- inspection -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.nlba * self.sector_size
+
+    def _arenas(self) -> list[dict]:
+        out = []
+        info, lay = ffi.new("struct btt_info *"), ffi.new("struct btt_arena_layout *")
+        idx0, idx1 = ffi.new("int *"), ffi.new("int *")
+        for i in range(lib.btt_narenas(self._ptr)):
+            _check(lib.btt_arena_info(self._ptr, i, info, lay))
+            lib.btt_flog_scheme(self._ptr, i, idx0, idx1)
+            d = info_dict(info)
+            d.update(start=lay.start, lba_start=lay.lba_start, size=lay.size,
+                     flog_slots=(idx0[0], idx1[0]))
+            out.append(d)
+        return out
+
+    def stats(self) -> dict:
+        s = ffi.new("struct btt_stats *")
+        lib.btt_get_stats(self._ptr, s)
+        return {k: getattr(s, k) for k in ("writes", "commits", "syncs", "journal_replayed",
+                                           "redo_applied")}
+
+    def check(self) -> dict:
+        """The bitmap rule over map + free lists; {'clean': bool, counts..., 'problems': [...]}."""
+        r = ffi.new("struct btt_check_result *")
+        msg = ffi.new("char[]", 16384)
+        _check(lib.btt_check(self._ptr, r, msg, 16384), "check")
+        d = {k: getattr(r, k) for k in ("blocks", "out_of_range", "duplicates", "unreferenced",
+                                        "error_entries", "zero_entries")}
+        d["problems"] = [line for line in ffi.string(msg).decode().splitlines() if line]
+        d["clean"] = not (r.out_of_range or r.duplicates or r.unreferenced)
+        return d
+
+    def set_map_flags(self, lba: int, flags: int) -> None:
+        """Error injection: put raw Z/E bits on a sector's map entry (E = media error)."""
+        _check(lib.btt_debug_set_map_flags(self._ptr, lba, flags))
+
+    # ---- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commits everything; after a clean close the journal is no longer needed."""
+        if self._ptr is None:
+            return
+        ptr, self._ptr = self._ptr, None
+        try:
+            _check(lib.btt_close(ptr), "close")
+            if self._journal_path and not self.readonly and self._journal:
+                try:
+                    os.unlink(self._journal_path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            if self._journal:
+                self._journal.close()
+            if self._io.kind == "file":
+                self._io.close()
+
+    def abandon(self) -> None:
+        """Tests: drop the handle without committing, as a killed process would."""
+        self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None:
+            try:
+                self.close()
+            except OSError:
+                pass
+
+
+def probe(path, offset: int = 0, size: int | None = None, version: str | None = None):
+    """Autodetection: the BTT's description if a valid one starts in [offset, +size), else None.
+
+    Corrupt metadata behind a valid info block raises BttError(EUCLEAN) rather than
+    answering None: serving such a namespace raw would expose the BTT's internals."""
+    try:
+        b = Btt.open(path, offset=offset, size=size, readonly=True, durability="none",
+                     version=version)
+    except BttError as e:
+        if e.errno == _errno.ENODEV:
+            return None
+        raise
+    try:
+        return {"version": b.version, "uuid": b.uuid, "parent_uuid": b.parent_uuid,
+                "lbasize": b.lbasize, "sector_size": b.sector_size, "nlba": b.nlba,
+                "size": b.size, "arenas": len(b.arenas)}
+    finally:
+        b.close()
