@@ -29,7 +29,7 @@ deps:
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml cffi_build.py $(wildcard btt_core/*.c btt_core/*.h)
+$(STAMP): setup.cfg setup.py pyproject.toml cffi_build.py $(wildcard btt_core/*.c btt_core/*.h)
 	@$(MAKE) --no-print-directory deps
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'

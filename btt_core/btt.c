@@ -918,6 +918,8 @@ static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t p
 		ln->sub ^= 1;
 		ln->state = LANE_CLEAN;
 		a->clean_lanes++;
+		if (lane < a->next_lane)
+			a->next_lane = lane;
 	}
 	return 0;
 }
@@ -939,10 +941,11 @@ static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
 		if (rc)
 			return rc;
 	}
-	for (uint32_t k = 0; k < n; k++) {
-		uint32_t i = (a->next_lane + k) % n;
+	/* The lowest clean lane: deterministic, and with a commit per write it is always
+	 * lane 0, which is what the kernel does on a single CPU (§6.6's example). */
+	for (uint32_t i = a->next_lane; i < n; i++) {
 		if (a->lanes[i].state == LANE_CLEAN) {
-			a->next_lane = (i + 1) % n;
+			a->next_lane = i + 1;
 			a->lanes[i].state = LANE_RESERVED;
 			a->clean_lanes--;
 			pthread_mutex_lock(stripe_of(a, premap));
@@ -960,6 +963,8 @@ static void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32
 
 	a->lanes[lane].state = LANE_CLEAN;
 	a->clean_lanes++;
+	if (lane < a->next_lane)
+		a->next_lane = lane;
 	pthread_mutex_lock(stripe_of(a, premap));
 	i = stage_find(a, premap);
 	if (i >= 0)
@@ -1078,6 +1083,7 @@ static void advance_lanes(struct btt *b)
 			b->io->ops->write(b->io, zeros, a->lay.internal_lbasize, block_off(a, ln->block));
 		ln->state = LANE_CLEAN;
 		a->clean_lanes++;
+		a->next_lane = 0;
 	}
 }
 

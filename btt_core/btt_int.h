@@ -53,7 +53,7 @@ struct arena {
 
 	struct lane *lanes;      /* nfree */
 	uint32_t clean_lanes;    /* lanes in LANE_CLEAN, under elock */
-	uint32_t next_lane;      /* round-robin cursor */
+	uint32_t next_lane;      /* no clean lane has a lower index */
 	uint8_t *flog_shadow;    /* in-memory copy of the flog groups, nfree * 64 bytes */
 
 	_Atomic uint32_t *rtt;   /* nfree read-tracking slots: RTT_VALID | block, or 0 */

@@ -1,0 +1,44 @@
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from btt_core import Btt, Io
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def mem_btt(size=32 * MiB, sector_size=4096, version="1.1", durability="none", arena_max=0,
+            offset=0, journal=None, **kw):
+    """A freshly formatted BTT on a memory image: (io, btt)."""
+    io = Io.memory(offset + size)
+    Btt.format_io(io, offset=offset, size=size, sector_size=sector_size, version=version,
+                  arena_max=arena_max, **kw)
+    return io, Btt.open_io(io, offset=offset, size=size, durability=durability, journal=journal)
+
+
+def pattern(tag: int, lba: int, size: int) -> bytes:
+    """Sector content that names its write: any mix-up or tear is visible."""
+    head = f"w{tag:08d}-l{lba:010d}|".encode()
+    return (head * (size // len(head) + 1))[:size]
+
+
+@pytest.fixture
+def tmpfile(tmp_path):
+    return str(tmp_path / "region.img")
+
+
+def have(cmd):
+    return shutil.which(cmd) is not None
+
+
+def run(cmd, **kw):
+    kw.setdefault("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    env = dict(os.environ)
+    env["PATH"] = "/usr/bin:" + env.get("PATH", "")
+    kw.setdefault("env", env)
+    return subprocess.run(cmd, **kw)
