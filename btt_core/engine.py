@@ -187,7 +187,7 @@ class Btt:
         self._ptr = ptr
         self._io = io
         self._journal = journal
-        self._journal_path = journal_path
+        self._journal_path = journal_path  # set when this Btt opened (and owns) io and journal
         self.readonly = readonly
         self.durability = durability
         self.sector_size = lib.btt_sector_size(ptr)
@@ -254,7 +254,7 @@ class Btt:
                     jio = Io.file(jpath, create=True)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,
                                readonly=readonly, durability=durability, version=version,
-                               journal=jio, journal_path=jpath)
+                               journal=jio, _owned_path=jpath)
         except BaseException:
             io.close()
             if jio:
@@ -264,7 +264,8 @@ class Btt:
     @classmethod
     def open_io(cls, io: Io, *, offset=0, size=None, parent_uuid=None, readonly=False,
                 durability="group", version=None, journal: Io | None = None,
-                journal_path=None, boot=None) -> "Btt":
+                boot=None, _owned_path=None) -> "Btt":
+        """Opens a BTT on a backing store the caller keeps owning (memory images in tests)."""
         if durability not in DURABILITY:
             raise BttError(_errno.EINVAL, f"durability must be one of {', '.join(DURABILITY)}")
         if version is not None and version not in VERSIONS:
@@ -281,7 +282,7 @@ class Btt:
         p.boot_id = list(boot if boot is not None else boot_id())
         out = ffi.new("struct btt **")
         _check(lib.btt_open(io._ptr, p, out))
-        return cls(out[0], io, journal, journal_path, bool(readonly), durability)
+        return cls(out[0], io, journal, _owned_path, bool(readonly), durability)
 
     # ---- I/O: one C call per request ------------------------------------------------
 
@@ -360,17 +361,18 @@ class Btt:
         if self._ptr is None:
             return
         ptr, self._ptr = self._ptr, None
+        owned = self._journal_path is not None
         try:
             _check(lib.btt_close(ptr), "close")
-            if self._journal_path and not self.readonly and self._journal:
+            if owned and self._journal and not self.readonly:
                 try:
                     os.unlink(self._journal_path)
                 except FileNotFoundError:
                     pass
         finally:
-            if self._journal:
-                self._journal.close()
-            if self._io.kind == "file":
+            if owned:
+                if self._journal:
+                    self._journal.close()
                 self._io.close()
 
     def abandon(self) -> None:
