@@ -26,7 +26,9 @@ uint64_t btt_io_size(struct btt_io *io);
 enum { BTT_REC_WRITE = 1, BTT_REC_SYNC = 2 };
 int btt_mem_set_recording(struct btt_io *mem, int on);
 size_t btt_mem_record_count(struct btt_io *mem);
-int btt_mem_record_get(struct btt_io *mem, size_t i, int *kind, uint64_t *off, uint64_t *len);
+int btt_mem_record_get(struct btt_io *mem, size_t i, int *kind, uint64_t *seq, uint64_t *off,
+                       uint64_t *len);
+uint64_t btt_mem_record_clock(void);
 int btt_mem_record_data(struct btt_io *mem, size_t i, void *buf, size_t len);
 void btt_mem_record_clear(struct btt_io *mem);
 int btt_mem_poke(struct btt_io *mem, const void *buf, size_t len, uint64_t off);

@@ -164,6 +164,7 @@ struct mem_page {
 
 struct mem_record {
 	int kind;
+	uint64_t seq; /* from one clock shared by all images: orders journal vs data writes */
 	uint64_t off, len;
 	uint8_t *data; /* NULL for a zeroing write */
 };
@@ -254,6 +255,13 @@ static int mem_store(struct mem_io *m, const void *buf, size_t len, uint64_t off
 	return 0;
 }
 
+static _Atomic uint64_t record_clock;
+
+uint64_t btt_mem_record_clock(void)
+{
+	return atomic_load(&record_clock);
+}
+
 static int mem_record(struct mem_io *m, int kind, const void *buf, uint64_t len, uint64_t off)
 {
 	struct mem_record *r;
@@ -269,6 +277,7 @@ static int mem_record(struct mem_io *m, int kind, const void *buf, uint64_t len,
 	}
 	r = &m->recs[m->nrecs];
 	r->kind = kind, r->off = off, r->len = len, r->data = NULL;
+	r->seq = atomic_fetch_add(&record_clock, 1);
 	if (buf) {
 		r->data = malloc(len ? len : 1);
 		if (!r->data)
@@ -412,13 +421,15 @@ size_t btt_mem_record_count(struct btt_io *io)
 	return m ? m->nrecs : 0;
 }
 
-int btt_mem_record_get(struct btt_io *io, size_t i, int *kind, uint64_t *off, uint64_t *len)
+int btt_mem_record_get(struct btt_io *io, size_t i, int *kind, uint64_t *seq, uint64_t *off,
+		       uint64_t *len)
 {
 	struct mem_io *m = as_mem(io);
 
 	if (!m || i >= m->nrecs)
 		return -EINVAL;
 	*kind = m->recs[i].kind, *off = m->recs[i].off, *len = m->recs[i].len;
+	*seq = m->recs[i].seq;
 	return 0;
 }
 

@@ -103,19 +103,26 @@ class Io:
         _check(lib.btt_mem_fail_sync(self._ptr, err))
 
     def records(self):
-        """[("write", offset, bytes) | ("sync", 0, b"")] in issue order; then cleared."""
+        """[(clock, "write", offset, bytes) | (clock, "sync", 0, b"")] in issue order; the
+        clock is shared by all memory images. The records are cleared."""
         out = []
-        kind, off, length = ffi.new("int *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        kind, seq = ffi.new("int *"), ffi.new("uint64_t *")
+        off, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         for i in range(lib.btt_mem_record_count(self._ptr)):
-            _check(lib.btt_mem_record_get(self._ptr, i, kind, off, length))
+            _check(lib.btt_mem_record_get(self._ptr, i, kind, seq, off, length))
             if kind[0] == lib.BTT_REC_SYNC:
-                out.append(("sync", 0, b""))
+                out.append((seq[0], "sync", 0, b""))
             else:
                 buf = ffi.new("uint8_t[]", length[0] or 1)
                 _check(lib.btt_mem_record_data(self._ptr, i, buf, length[0]))
-                out.append(("write", off[0], bytes(ffi.buffer(buf, length[0]))))
+                out.append((seq[0], "write", off[0], bytes(ffi.buffer(buf, length[0]))))
         lib.btt_mem_record_clear(self._ptr)
         return out
+
+    @staticmethod
+    def clock() -> int:
+        """The record clock: records stamped before this call have smaller values."""
+        return lib.btt_mem_record_clock()
 
     def close(self) -> None:
         if self._ptr is not None:

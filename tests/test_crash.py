@@ -1,0 +1,77 @@
+"""Crash consistency: recorded-write crash states (power loss and kill -9) and mutation checks."""
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from crashsim import E_FLAG, GEOMETRIES, Z_FLAG, Op, explore, record
+from btt_core._btt_cffi import lib
+
+LONG = bool(os.environ.get("BTT_LONG"))
+WORKLOADS = 300 if LONG else 60
+STATES_PER_WORKLOAD = 400 if LONG else 100
+TOTAL = {"states": 0}
+
+# A hot set of LBAs near the start and the arena boundary makes rewrites and conflicts common.
+lbas = st.one_of(st.integers(0, 12), st.integers(3829 - 6, 3829 + 6), st.integers(0, 1 << 20))
+op = st.one_of(
+    st.builds(Op, kind=st.just("write"), lba=lbas, n=st.integers(1, 4), fua=st.booleans()),
+    st.builds(Op, kind=st.just("write"), lba=lbas, n=st.just(1), fua=st.just(False)),
+    st.builds(Op, kind=st.just("flush")),
+)
+
+
+@settings(max_examples=WORKLOADS, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(geo=st.sampled_from(GEOMETRIES), durability=st.sampled_from(["group", "strict", "none"]),
+       ops=st.lists(op, min_size=1, max_size=14),
+       preflags=st.dictionaries(st.integers(0, 12), st.sampled_from([E_FLAG, Z_FLAG]), max_size=2),
+       seed=st.integers(0, 2**32))
+def test_crash_states(geo, durability, ops, preflags, seed):
+    rec = record(geo, durability, ops, preflags)
+    n, problems = explore(rec, random.Random(seed), STATES_PER_WORKLOAD)
+    TOTAL["states"] += n
+    assert not problems, "\n".join(problems[:10])
+
+
+def test_crash_state_count():
+    """The default suite covers at least 5,000 crash states (100,000 with BTT_LONG=1)."""
+    if TOTAL["states"] == 0:
+        pytest.skip("run together with test_crash_states")
+    assert TOTAL["states"] >= (100_000 if LONG else 5_000), TOTAL["states"]
+
+
+# ---- mutation checks: a harness that cannot fail proves nothing ---------------------------
+
+def hunt(mutation, durability, ops, tries=3000, kinds=("power", "process"), seed=1):
+    rec = record(GEOMETRIES[0], durability, ops, mutation=mutation)
+    _, problems = explore(rec, random.Random(seed), tries, kinds)
+    return problems
+
+
+WORKLOAD = [Op("write", 1, 1), Op("write", 2, 2), Op("write", 1, 1), Op("flush"),
+            Op("write", 7, 1), Op("write", 1, 1), Op("flush"), Op("write", 9, 3, fua=True)]
+
+
+def test_correct_engine_passes_the_mutation_workloads():
+    for durability in ("group", "strict"):
+        assert hunt(lib.BTT_MUT_NONE, durability, WORKLOAD) == []
+
+
+@pytest.mark.parametrize("durability", ["group", "strict"])
+def test_harness_catches_map_written_before_flog(durability):
+    problems = hunt(lib.BTT_MUT_MAP_BEFORE_FLOG, durability, WORKLOAD, kinds=("power",))
+    assert problems, "map-before-flog went unnoticed"
+
+
+@pytest.mark.parametrize("durability", ["group", "strict"])
+def test_harness_catches_flog_before_data_is_durable(durability):
+    problems = hunt(lib.BTT_MUT_FLOG_BEFORE_DATA_DURABLE, durability, WORKLOAD, kinds=("power",))
+    assert problems, "flog-before-data went unnoticed"
+
+
+@pytest.mark.parametrize("kind", ["power", "process"])
+def test_harness_catches_reuse_of_a_freed_block_before_its_commit(kind):
+    problems = hunt(lib.BTT_MUT_REUSE_BEFORE_COMMIT, "group", WORKLOAD, kinds=(kind,))
+    assert problems, "early reuse of a freed block went unnoticed"
