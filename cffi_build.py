@@ -142,13 +142,17 @@ ffibuilder.cdef(CDEF)
 _flags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"]
 _link = ["-pthread"]
 if os.environ.get("BTT_SANITIZE"):
-    _flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+    _flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+               "-fno-omit-frame-pointer", "-O1"]
     _link += ["-fsanitize=address,undefined"]
 
 ffibuilder.set_source(
     "btt_core._btt_cffi",
     '#include "btt.h"',
-    sources=[os.path.join("btt_core", s) for s in SOURCES],
+    # pip wants paths relative to the project; ffibuilder.compile() (the sanitizer test's
+    # direct build) changes directory first, so it needs them absolute.
+    sources=[os.path.join(HERE if os.environ.get("BTT_SANITIZE") else "", "btt_core", s)
+             for s in SOURCES],
     include_dirs=[os.path.join(HERE, "btt_core")],
     extra_compile_args=_flags,
     extra_link_args=_link,

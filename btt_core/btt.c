@@ -369,6 +369,12 @@ static int validate_arena(const struct btt_info *ib, int idx, uint64_t start, ui
 			   (unsigned long long)start, (unsigned long long)size,
 			   (unsigned long long)ib->nextoff, (unsigned long long)ib->info2off,
 			   (unsigned long long)room);
+	/* Each offset inside the arena first, so the sums below cannot wrap around. */
+	if (ib->dataoff >= size || ib->mapoff >= size || ib->logoff >= size || ib->info2off >= size)
+		return BAD("arena %d: an offset (dataoff %llu, mapoff %llu, logoff %llu, info2off %llu) "
+			   "lies beyond the arena's %llu bytes", idx, (unsigned long long)ib->dataoff,
+			   (unsigned long long)ib->mapoff, (unsigned long long)ib->logoff,
+			   (unsigned long long)ib->info2off, (unsigned long long)size);
 	if (ib->dataoff < BTT_INFO_SIZE ||
 	    ib->dataoff + (uint64_t)ib->internal_nlba * ib->internal_lbasize > ib->mapoff ||
 	    ib->mapoff + (uint64_t)ib->external_nlba * 4 > ib->logoff ||
