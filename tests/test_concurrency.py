@@ -20,7 +20,7 @@ def test_threads_overlapping_and_disjoint(tmpfile, durability):
     b = Btt.create(tmpfile, size=40 * MiB, durability=durability)
     b.start_timer(5)
     ss, shared = b.sector_size, list(range(0, 24))  # every thread writes these
-    written = {lba: set() for lba in range(512)}
+    written = {lba: set() for lba in range(100 + 60 * 8)}
     errors, lock = [], threading.Lock()
     nthreads, rounds = 8, 400 if durability != "strict" else 60
 
