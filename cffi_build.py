@@ -128,6 +128,26 @@ struct btt_check_result {
     uint64_t zero_entries;
 };
 int btt_check(struct btt *b, struct btt_check_result *r, char *msgbuf, size_t msglen);
+struct btt_check_opts {
+    uint64_t ns_offset, ns_size;
+    int version;
+    int repair;
+    int rewrite_log;
+    void (*progress)(void *ctx, int arena, uint64_t done, uint64_t total);
+    void *ctx;
+};
+struct btt_check_summary {
+    int found;
+    int version;
+    int narenas;
+    uint32_t lbasize;
+    uint64_t nlba;
+    uint64_t errors;
+    uint64_t repaired;
+};
+int btt_check_offline(struct btt_io *io, const struct btt_check_opts *o,
+                      struct btt_check_summary *sum, char *report, size_t len);
+extern "Python" void _check_progress(void *ctx, int arena, uint64_t done, uint64_t total);
 enum { BTT_MUT_NONE = 0, BTT_MUT_MAP_BEFORE_FLOG = 1, BTT_MUT_FLOG_BEFORE_DATA_DURABLE = 2,
        BTT_MUT_REUSE_BEFORE_COMMIT = 3 };
 extern int btt_test_mutation;

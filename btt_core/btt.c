@@ -55,22 +55,22 @@ const char *btt_errmsg(void)
 /* ---- little-endian fields ----------------------------------------------------- */
 
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static uint32_t get32(const uint8_t *p)
+uint32_t get32(const uint8_t *p)
 {
 	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 static uint64_t get64(const uint8_t *p) { return get32(p) | (uint64_t)get32(p + 4) << 32; }
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v)
+void put32(uint8_t *p, uint32_t v)
 {
 	for (int i = 0; i < 4; i++)
 		p[i] = (uint8_t)(v >> (8 * i));
 }
 static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)v), put32(p + 4, (uint32_t)(v >> 32)); }
 
-static const uint8_t BTT_SIG[16] = "BTT_ARENA_INFO\0";
+const uint8_t BTT_SIG[16] = "BTT_ARENA_INFO\0";
 
-static bool is_zero(const void *buf, size_t len)
+bool is_zero(const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
 	for (size_t i = 0; i < len; i++)
@@ -337,8 +337,8 @@ out:
 
 /* Checks one arena's info block against everything the engine will index with it.
  * `start` is the arena's offset from the BTT start, `rawsize` the BTT's size. */
-static int validate_arena(const struct btt_info *ib, int idx, uint64_t start, uint64_t rawsize,
-			  const struct btt_info *first, struct btt_arena_layout *l)
+int validate_arena(const struct btt_info *ib, int idx, uint64_t start, uint64_t rawsize,
+		   const struct btt_info *first, struct btt_arena_layout *l)
 {
 	uint64_t size, room = rawsize - start;
 
@@ -400,8 +400,7 @@ static int validate_arena(const struct btt_info *ib, int idx, uint64_t start, ui
 }
 
 /* Reads and authenticates an info block: signature, checksum, parent uuid. */
-static int read_info(struct btt_io *io, uint64_t off, const struct btt_open_params *p,
-		     struct btt_info *ib)
+int read_info(struct btt_io *io, uint64_t off, const struct btt_open_params *p, struct btt_info *ib)
 {
 	uint8_t block[BTT_INFO_SIZE];
 	int ok, rc = io->ops->read(io, block, sizeof(block), off);
@@ -424,22 +423,22 @@ static int read_info(struct btt_io *io, uint64_t off, const struct btt_open_para
 
 /* ---- flog (§6) ---------------------------------------------------------------- */
 
-static const uint32_t seq_next[4] = {0, 2, 3, 1};
+const uint32_t seq_next[4] = {0, 2, 3, 1};
 
-static void flog_slot_get(const uint8_t *group, int slot, struct flog_entry *e)
+void flog_slot_get(const uint8_t *group, int slot, struct flog_entry *e)
 {
 	const uint8_t *s = group + slot * 16;
 	e->lba = get32(s), e->old_map = get32(s + 4), e->new_map = get32(s + 8), e->seq = get32(s + 12);
 }
 
-static void flog_slot_put(uint8_t *group, int slot, const struct flog_entry *e)
+void flog_slot_put(uint8_t *group, int slot, const struct flog_entry *e)
 {
 	uint8_t *s = group + slot * 16;
 	put32(s, e->lba), put32(s + 4, e->old_map), put32(s + 8, e->new_map), put32(s + 12, e->seq);
 }
 
 /* Which two of a lane's four slots are live: (0,1) since Linux 4.15, (0,2) before (§6.3). */
-static int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int idx[2])
+int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int idx[2])
 {
 	unsigned used = 0;
 
@@ -465,7 +464,7 @@ static int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int
 }
 
 /* The newer of a lane's two live entries (§6.4); -1 when their sequence numbers conflict. */
-static int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1)
+int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1)
 {
 	uint32_t a = e0->seq, b = e1->seq;
 

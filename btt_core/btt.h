@@ -197,6 +197,29 @@ struct btt_check_result {
  * Problems are described in msgbuf (one per line, truncated). */
 int btt_check(struct btt *b, struct btt_check_result *r, char *msgbuf, size_t msglen);
 
+/* Offline check of a BTT that may be too damaged to open (check-namespace). */
+struct btt_check_opts {
+	uint64_t ns_offset, ns_size;
+	int version;     /* 0 = autodetect, 11, 20 */
+	int repair;      /* restore info blocks from backups, redo interrupted writes */
+	int rewrite_log; /* with repair: regenerate every lane's log in the (0,1) scheme */
+	void (*progress)(void *ctx, int arena, uint64_t done, uint64_t total);
+	void *ctx;
+};
+struct btt_check_summary {
+	int found;          /* a BTT was located (primary or backup info block) */
+	int version;        /* 11 or 20 */
+	int narenas;
+	uint32_t lbasize;
+	uint64_t nlba;
+	uint64_t errors;    /* problems found */
+	uint64_t repaired;  /* of which repaired */
+};
+/* Findings go to `report`, one per line: severity, arena, code, repaired, text (tab-separated).
+ * Returns 0 when the check ran, -ENODEV when no BTT was found, another errno on I/O errors. */
+int btt_check_offline(struct btt_io *io, const struct btt_check_opts *o,
+		      struct btt_check_summary *sum, char *report, size_t len);
+
 /* ---- tests and tools ---------------------------------------------------------- */
 
 /* Test-only switches that break the write ordering; the crash tests prove they are caught. */

@@ -103,6 +103,20 @@ static inline uint32_t map_resolve(uint32_t entry, uint32_t premap)
 }
 
 int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry);
+
+/* Shared with the offline checker (check.c): the same validation the I/O path trusts. */
+extern const uint8_t BTT_SIG[16];
+extern const uint32_t seq_next[4];
+uint32_t get32(const uint8_t *p);
+void put32(uint8_t *p, uint32_t v);
+bool is_zero(const void *buf, size_t len);
+int read_info(struct btt_io *io, uint64_t off, const struct btt_open_params *p, struct btt_info *ib);
+int validate_arena(const struct btt_info *ib, int idx, uint64_t start, uint64_t rawsize,
+		   const struct btt_info *first, struct btt_arena_layout *l);
+void flog_slot_get(const uint8_t *group, int slot, struct flog_entry *e);
+void flog_slot_put(uint8_t *group, int slot, const struct flog_entry *e);
+int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int idx[2]);
+int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1);
 int staged_lookup(struct arena *a, uint32_t premap, uint32_t *word);
 struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block);
 

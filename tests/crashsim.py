@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from btt_core import Btt, BttError, Io
+from btt_core import Btt, BttError, Io, check_io
 from btt_core._btt_cffi import lib
 
 MiB = 1 << 20
@@ -204,6 +204,12 @@ def verify(rec: Recording, clock: int, kind: str, rng: random.Random) -> list[st
     io, journal, same_boot = crash_images(rec, clock, kind, rng)
     boot = None if same_boot else bytes(16)
     problems = []
+    # Before recovery, the offline checker may find only what recovery repairs.
+    offline = check_io(io)
+    left = [f for f in offline["findings"] if f["severity"] == "error"
+            and f["problem"] != "interrupted-write"]
+    if left:
+        problems.append(f"{kind} crash at {clock}: offline check before recovery: {left[:3]}")
     try:
         b = Btt.open_io(io, durability=rec.durability, journal=journal, boot=boot)
     except BttError as e:

@@ -1,0 +1,121 @@
+"""Offline checking and inspection of a BTT that may be too damaged to open.
+
+check_namespace() runs the C checker (btt_check_offline) and returns a JSON-ready report;
+read_infoblock() decodes every arena's info blocks with their validity. Both treat the
+media as untrusted: they report what is wrong and never index past what they read.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+from ._btt_cffi import ffi, lib
+from .engine import BttError, Io, _check, unpack_info
+
+STATUS_CLEAN, STATUS_PROBLEMS, STATUS_REPAIRED = 0, 1, 2
+_VERSIONS = {None: 0, "1.1": 11, "2.0": 20}
+
+
+@ffi.def_extern()
+def _check_progress(ctx, arena, done, total):
+    callback = ffi.from_handle(ctx)
+    callback(arena, done, total)
+
+
+def check_namespace(path, *, offset=0, size=None, version=None, repair=False, rewrite_log=False,
+                    progress=None) -> dict:
+    """Checks (and with repair=True, repairs) the BTT in [offset, offset+size) of path.
+
+    status: 0 clean, 1 problems left unrepaired, 2 every problem repaired."""
+    if rewrite_log and not repair:
+        raise BttError(_errno.EINVAL, "--rewrite-log needs --repair")
+    io = Io.file(path, readonly=not repair)
+    try:
+        report = check_io(io, offset=offset, size=size, version=version, repair=repair,
+                          rewrite_log=rewrite_log, progress=progress)
+    finally:
+        io.close()
+    report["path"] = os.path.abspath(path)
+    return report
+
+
+def check_io(io: Io, *, offset=0, size=None, version=None, repair=False, rewrite_log=False,
+             progress=None) -> dict:
+    """check_namespace() over any backing store (memory images in the crash tests)."""
+    if version not in _VERSIONS:
+        raise BttError(_errno.EINVAL, "version must be 1.1 or 2.0")
+    o = ffi.new("struct btt_check_opts *")
+    o.ns_offset = offset
+    o.ns_size = io.size - offset if size is None else size
+    o.version = _VERSIONS[version]
+    o.repair = int(repair)
+    o.rewrite_log = int(rewrite_log)
+    handle = ffi.new_handle(progress) if progress else None
+    if handle is not None:
+        o.progress = lib._check_progress
+        o.ctx = handle
+    summary = ffi.new("struct btt_check_summary *")
+    report = ffi.new("char[]", 1 << 16)
+    _check(lib.btt_check_offline(io._ptr, o, summary, report, 1 << 16))
+    findings = []
+    for line in ffi.string(report).decode(errors="replace").splitlines():
+        severity, arena, code, repaired, text = line.split("\t", 4)
+        findings.append({"severity": severity, "arena": int(arena), "problem": code,
+                         "repaired": repaired == "1", "message": text})
+    errors = [f for f in findings if f["severity"] == "error"]
+    if not errors:
+        status = STATUS_CLEAN
+    elif all(f["repaired"] for f in errors):
+        status = STATUS_REPAIRED
+    else:
+        status = STATUS_PROBLEMS
+    return {"offset": offset, "version": f"{summary.version // 10}.{summary.version % 10}",
+            "arenas": summary.narenas, "sector_size": summary.lbasize, "nlba": summary.nlba,
+            "errors": summary.errors, "repaired": summary.repaired, "status": status,
+            "findings": findings}
+
+
+def read_infoblock(path, *, offset=0, size=None) -> list[dict]:
+    """Every arena's primary and backup info block, decoded, with their validity, for
+    both possible BTT positions (1.1 at +4 KiB, 2.0 at +0). Stops where the chain breaks."""
+    io = Io.file(path, readonly=True)
+    try:
+        end = io.size if size is None else offset + size
+        found = []
+        for version, initial in (("1.1", 4096), ("2.0", 0)):
+            arenas = _walk(io, offset + initial, end, version)
+            if arenas:
+                found.append({"version": version, "offset": offset + initial, "arenas": arenas})
+        return found
+    finally:
+        io.close()
+
+
+def _decode(io, where, end):
+    if where + 4096 > end:
+        return None
+    d = unpack_info(io.read(where, 4096))
+    d["signature_ok"] = d.pop("signature") == b"BTT_ARENA_INFO\0\0"
+    d["offset"] = where
+    return d
+
+
+def _walk(io, base, end, version):
+    arenas, start = [], 0
+    while base + start + 4096 <= end and len(arenas) < 1 << 16:
+        primary = _decode(io, base + start, end)
+        if not primary["signature_ok"] and not arenas:
+            return []  # nothing here that looks like a BTT of this version
+        major, minor = (int(x) for x in version.split("."))
+        primary["version_ok"] = (primary["version_major"], primary["version_minor"]) == (major, minor)
+        backup = None
+        if primary["signature_ok"] and 4096 <= primary["info2off"] < end - base - start:
+            backup = _decode(io, base + start + primary["info2off"], end)
+        arenas.append({"arena": len(arenas), "start": start, "primary": primary, "backup": backup,
+                       "backup_matches": bool(backup) and {k: v for k, v in backup.items()
+                                                           if k != "offset"} ==
+                       {k: v for k, v in primary.items() if k not in ("offset", "version_ok")}})
+        if not (primary["signature_ok"] and primary["checksum_ok"]) or not primary["nextoff"]:
+            break
+        start += primary["nextoff"]
+    return arenas
