@@ -147,6 +147,9 @@ int btt_file_open(const char *path, int readonly, int create, uint64_t min_size,
 		close(fd);
 		return seterr(ENOMEM, "out of memory");
 	}
+	/* BTT access is random (4-byte map entries, single blocks): readahead would only
+	 * fill the page cache with neighbours nobody asked for. */
+	posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
 	f->io.ops = &file_ops;
 	f->fd = fd;
 	*out = &f->io;
