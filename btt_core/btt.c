@@ -1194,10 +1194,63 @@ int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags)
 	return btt_write(b, lba, count, NULL, flags);
 }
 
+/* Zero-flag extension: the sectors keep their blocks and read as zeros (§8). One 4-byte map
+ * store per sector is atomic, so no flog entry is needed; staged writes are committed
+ * first so the map words changed here are the committed ones. */
+static int zero_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n)
+{
+	uint8_t raw[4 * 1024];
+	int rc;
+
+	/* A run of at most 1024 entries spans at most 65 of the 256 stripes: no lock twice. */
+	for (uint32_t s = premap >> 4; s <= (premap + n - 1) >> 4; s++)
+		pthread_mutex_lock(&a->stripes[s % NSTRIPES]);
+	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(b, a, premap));
+	for (uint32_t i = 0; !rc && i < n; i++) {
+		uint32_t block = map_resolve(get32(raw + 4 * i), premap + i);
+		if (block >= a->lay.internal_nlba)
+			rc = seterr(EIO, "map entry of LBA %llu points beyond the data blocks",
+				    (unsigned long long)(a->lay.lba_start + premap + i));
+		put32(raw + 4 * i, BTT_MAP_Z | block);
+	}
+	if (!rc)
+		rc = b->io->ops->write(b->io, raw, (size_t)n * 4, map_off(b, a, premap));
+	atomic_fetch_add(&a->mapseq, 1);
+	for (uint32_t s = premap >> 4; s <= (premap + n - 1) >> 4; s++)
+		pthread_mutex_unlock(&a->stripes[s % NSTRIPES]);
+	return rc;
+}
+
 int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
 {
-	(void)b, (void)lba, (void)count, (void)flags;
-	return seterr(EOPNOTSUPP, "the zero-flag extension is not implemented yet");
+	int rc = check_range(b, lba, count);
+
+	if (rc)
+		return rc;
+	if (b->readonly)
+		return seterr(EROFS, "the BTT is open read-only");
+	pthread_mutex_lock(&b->elock);
+	rc = commit_locked(b);
+	while (!rc && count) {
+		uint32_t premap;
+		struct arena *a = arena_of(b, lba, &premap);
+		uint64_t left = a->lay.external_nlba - premap;
+		uint32_t n = (uint32_t)(count < left ? count : left);
+		if (a->error_flag) {
+			rc = seterr(EROFS, "arena %d has its error flag set; it is read-only",
+				    (int)(a - b->arenas));
+			break;
+		}
+		n = n > 1024 ? 1024 : n;
+		rc = zero_run(b, a, premap, n);
+		lba += n, count -= n;
+	}
+	if (!rc && (b->durability == BTT_DUR_STRICT || (flags & BTT_FUA)))
+		rc = barrier(b);
+	pthread_mutex_unlock(&b->elock);
+	if (rc && !b->failed && rc != -EROFS && rc != -EINVAL)
+		b->failed = -EIO; /* a partial map update: reopen to know what landed */
+	return rc;
 }
 
 int btt_flush(struct btt *b)

@@ -315,6 +315,12 @@ class Btt:
     def write_zeroes(self, lba: int, nsectors: int, fua: bool = False) -> None:
         _check(lib.btt_write_zeroes(self._ptr, lba, nsectors, lib.BTT_FUA if fua else 0))
 
+    def set_zero(self, lba: int, nsectors: int, fua: bool = False) -> None:
+        """Zero-flag extension (TRIM / fast WRITE_ZEROES): the sectors read as zeros by
+        setting Z in their map entries; no data is written. Linux reads multi-sector runs
+        containing Z entries wrongly (btt-format.md §10.1), hence opt-in."""
+        _check(lib.btt_set_zero(self._ptr, lba, nsectors, lib.BTT_FUA if fua else 0))
+
     def flush(self) -> None:
         _check(lib.btt_flush(self._ptr))
 

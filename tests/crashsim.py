@@ -46,7 +46,7 @@ GEOMETRIES = [
 
 @dataclass
 class Op:
-    kind: str  # "write" | "flush"
+    kind: str  # "write" | "zero" (zero-flag extension) | "flush"
     lba: int = 0
     n: int = 0
     fua: bool = False
@@ -80,9 +80,9 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
         b.set_map_flags(lba % b.nlba, flags)
     initial = {}
     for op in ops:
-        if op.kind == "write":
+        if op.kind != "flush":
             op.lba = min(op.lba % b.nlba, b.nlba - op.n)
-    touched = {op.lba + i for op in ops if op.kind == "write" for i in range(op.n)}
+    touched = {op.lba + i for op in ops if op.kind != "flush" for i in range(op.n)}
     for lba in touched | {l % b.nlba for l in (preflags or {})}:
         try:
             initial[lba] = b.read(lba, 1)
@@ -100,12 +100,18 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     try:
         for i, op in enumerate(ops):
             op.start = Io.clock()
-            if op.kind == "write":
-                data = b"".join(_content(i, op.lba + k, ss) for k in range(op.n))
+            if op.kind in ("write", "zero"):
+                if op.kind == "write":
+                    data = b"".join(_content(i, op.lba + k, ss) for k in range(op.n))
+                else:
+                    data = bytes(op.n * ss)
                 for k in range(op.n):
                     versions[op.lba + k].append((i, data[k * ss:(k + 1) * ss]))
                 try:
-                    b.write(op.lba, data, fua=op.fua)
+                    if op.kind == "write":
+                        b.write(op.lba, data, fua=op.fua)
+                    else:
+                        b.set_zero(op.lba, op.n, fua=op.fua)
                 except BttError as e:
                     op.error = str(e)
             else:

@@ -18,6 +18,7 @@ lbas = st.one_of(st.integers(0, 12), st.integers(3829 - 6, 3829 + 6), st.integer
 op = st.one_of(
     st.builds(Op, kind=st.just("write"), lba=lbas, n=st.integers(1, 4), fua=st.booleans()),
     st.builds(Op, kind=st.just("write"), lba=lbas, n=st.just(1), fua=st.just(False)),
+    st.builds(Op, kind=st.just("zero"), lba=lbas, n=st.integers(1, 3), fua=st.booleans()),
     st.builds(Op, kind=st.just("flush")),
 )
 

@@ -221,3 +221,24 @@ def test_enospc_on_a_full_backing_store(tmp_path):
         b.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.parametrize("durability", ["group", "strict", "none"])
+def test_zero_flag_extension(durability):
+    io, b = mem_btt(size=40 * MiB, arena_max=16 * MiB, durability=durability)
+    edge = b.arenas[1]["lba_start"]
+    data = b"".join(pattern(1, l, 4096) for l in range(edge - 5, edge + 5))
+    b.write(edge - 5, data)
+    b.set_zero(edge - 3, 6)  # crosses the arena boundary
+    got = b.read(edge - 5, 10)
+    assert got[:2 * 4096] == data[:2 * 4096] and got[8 * 4096:] == data[8 * 4096:]
+    assert got[2 * 4096:8 * 4096] == bytes(6 * 4096)
+    r = b.check()
+    assert r["clean"] and r["zero_entries"] == 6
+    b.write(edge - 2, pattern(2, edge - 2, 4096))  # a Z entry's block is the old block
+    assert b.read(edge - 2, 1) == pattern(2, edge - 2, 4096)
+    assert b.check()["clean"]
+    b.close()
+    b = Btt.open_io(io, durability="none")
+    assert b.read(edge - 3, 1) == bytes(4096) and b.read(edge - 2, 1) == pattern(2, edge - 2, 4096)
+    b.close()
