@@ -45,6 +45,7 @@ serve: venv
 	PATH=/usr/bin:$$PATH $(VENV)/bin/bttctl serve $(ARGS)
 
 bench: venv
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q 'matplotlib>=3.6'
 	PATH=/usr/bin:$$PATH $(PY) tools/bench.py $(ARGS)
 
 clean:

@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""`make bench`: our exports against reference servers, in one run, over Unix sockets.
+
+Servers (same data, same machine, one after another): nbdkit's `file` plugin (C), a plain
+Python pass-through plugin with our thread model (tools/passthrough_plugin.py), qemu-nbd,
+our raw export, and our BTT export with durability none, group and strict. Each runs the
+fio matrix below on a backing file on tmpfs and on a disk-backed directory. Results: JSON,
+a markdown table with ratios, a PNG chart (when matplotlib is present), written to
+docs/benchmarks.md and docs/bench/. Machines here are noisy: compare ratios within a run.
+
+Usage: tools/bench.py [--runtime S] [--repeat N] [--quick] [--only SERVER,...] [--no-disk]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(ROOT, "plugin", "nbdkit_btt.py")
+PASSTHROUGH = os.path.join(ROOT, "tools", "passthrough_plugin.py")
+SIZE = 1 << 30
+ENV = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
+
+JOBS = {
+    "randread 4k QD1": dict(rw="randread", bs="4k", iodepth=1),
+    "randread 4k QD16": dict(rw="randread", bs="4k", iodepth=16),
+    "randwrite 4k QD1": dict(rw="randwrite", bs="4k", iodepth=1),
+    "randwrite 4k QD16": dict(rw="randwrite", bs="4k", iodepth=16),
+    "read 128k QD4": dict(rw="read", bs="128k", iodepth=4),
+    "write 128k QD4": dict(rw="write", bs="128k", iodepth=4),
+    "randread 4k QD16 2conn": dict(rw="randread", bs="4k", iodepth=16, numjobs=2),
+}
+
+
+def servers(raw: str, btt: str, sock: str, threadmodel: str) -> dict[str, list[str]]:
+    nbdkit = ["nbdkit", "--foreground", "--unix", sock]
+    return {
+        "nbdkit-file": nbdkit + ["file", raw],
+        "python-passthrough": nbdkit + ["python", PASSTHROUGH, f"file={raw}",
+                                        f"threadmodel={threadmodel}"],
+        "qemu-nbd": ["qemu-nbd", "--socket", sock, "--format", "raw", "--persistent",
+                     "--shared", "8", "--cache", "writeback", raw],
+        "ours-raw": nbdkit + ["python", PLUGIN, f"region={raw}"],
+        "ours-btt-none": nbdkit + ["python", PLUGIN, f"region={btt}", "durability=none"],
+        "ours-btt-group": nbdkit + ["python", PLUGIN, f"region={btt}", "durability=group"],
+        "ours-btt-strict": nbdkit + ["python", PLUGIN, f"region={btt}", "durability=strict"],
+    }
+
+
+def start(argv: list[str], sock: str) -> subprocess.Popen:
+    if os.path.exists(sock):
+        os.unlink(sock)
+    p = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while not os.path.exists(sock):
+        if p.poll() is not None or time.time() > deadline:
+            err = p.stderr.read().decode(errors="replace") if p.poll() is not None else "timeout"
+            raise RuntimeError(f"{argv[0]} did not start: {err[-2000:]}")
+        time.sleep(0.05)
+    return p
+
+
+def stop(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fio(sock: str, job: dict, runtime: float, size: int, workdir: str) -> dict:
+    out = os.path.join(workdir, "fio.json")
+    argv = ["fio", "--name=j", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+            f"--rw={job['rw']}", f"--bs={job['bs']}", f"--iodepth={job['iodepth']}",
+            f"--numjobs={job.get('numjobs', 1)}", "--group_reporting", "--time_based",
+            f"--runtime={runtime}", "--ramp_time=1", f"--size={size}",
+            "--output-format=json", f"--output={out}"]
+    subprocess.run(argv, env=ENV, check=True, capture_output=True, cwd=workdir)
+    with open(out) as f:
+        j = json.load(f)["jobs"][0]
+    side = j["read"] if "read" in job["rw"] else j["write"]
+    return {"iops": side["iops"], "bw_MBps": side["bw_bytes"] / 1e6,
+            "lat_us": side["lat_ns"]["mean"] / 1000}
+
+
+def prepare(dirpath: str) -> tuple[str, str]:
+    """A 1 GiB raw file and a 1 GiB BTT region, both fully written (no holes read)."""
+    sys.path.insert(0, ROOT)
+    from btt_core import Btt
+    raw, btt = os.path.join(dirpath, "raw.img"), os.path.join(dirpath, "btt.img")
+    block = os.urandom(1 << 20)
+    with open(raw, "wb") as f:
+        for _ in range(SIZE >> 20):
+            f.write(block)
+    with Btt.create(btt, size=SIZE, durability="none") as b:
+        per = (1 << 20) // b.sector_size
+        for lba in range(0, b.nlba - per + 1, per):
+            b.write(lba, block)
+    return raw, btt
+
+
+def run_matrix(where: str, dirpath: str, args) -> dict:
+    raw, btt = prepare(dirpath)
+    sock = os.path.join(dirpath, "s.sock")
+    results = {}
+    for name, argv in servers(raw, btt, sock, args.threadmodel).items():
+        if args.only and name not in args.only:
+            continue
+        size = os.path.getsize(raw) if "btt" not in name else None
+        p = start(argv, sock)
+        try:
+            res = {}
+            for job_name, job in JOBS.items():
+                runs = [fio(sock, job, args.runtime, (size or SIZE) * 9 // 10, dirpath)
+                        for _ in range(args.repeat)]
+                res[job_name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                print(f"  [{where}] {name:20} {job_name:24} {res[job_name]['iops']:10.0f} IOPS "
+                      f"{res[job_name]['lat_us']:8.1f} us", file=sys.stderr)
+            res["rss_mib"] = rss_mib(p.pid)
+            results[name] = res
+        finally:
+            stop(p)
+    return results
+
+
+def scale(args) -> dict:
+    """1 TiB vs 1 GiB BTT namespaces through NBD: start-up, server RSS, 4k random reads."""
+    sys.path.insert(0, ROOT)
+    from btt_core import Btt
+    out = {}
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
+        for label, size in (("1GiB", 1 << 30), ("1TiB", 1 << 40)):
+            path = os.path.join(d, label + ".img")
+            Btt.create(path, size=size, durability="none").close()
+            sock = os.path.join(d, "s.sock")
+            t = time.perf_counter()
+            p = start(["nbdkit", "--foreground", "--unix", sock, "python", PLUGIN,
+                       f"region={path}", "durability=none"], sock)
+            ready = time.perf_counter() - t
+            try:
+                r = fio(sock, JOBS["randread 4k QD16"], args.runtime, size, d)
+                out[label] = {"server_ready_s": round(ready, 3), "rss_mib": round(rss_mib(p.pid), 1),
+                              "randread_4k_qd16_iops": round(r["iops"])}
+            finally:
+                stop(p)
+            print(f"  [scale] {label}: {out[label]}", file=sys.stderr)
+    out["iops_ratio_1TiB_vs_1GiB"] = round(out["1TiB"]["randread_4k_qd16_iops"] /
+                                           out["1GiB"]["randread_4k_qd16_iops"], 3)
+    return out
+
+
+def ratio(results, server, ref, job, key="iops"):
+    try:
+        return results[server][job][key] / results[ref][job][key]
+    except (KeyError, ZeroDivisionError):
+        return None
+
+
+def markdown(all_results: dict, scale_res: dict | None, args) -> str:
+    lines = ["# Benchmarks", "",
+             f"Latest `make bench` run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, "
+             f"{_cpu_model()}, Linux {platform.release()}; fio runtime {args.runtime} s, "
+             f"median of {args.repeat}; thread model {args.threadmodel}. IOPS (128k rows: MB/s).",
+             ""]
+    for where, results in all_results.items():
+        servers_ = list(results)
+        lines += [f"## Backing file on {where}", "",
+                  "| job | " + " | ".join(servers_) + " |",
+                  "|---|" + "---|" * len(servers_)]
+        for job in JOBS:
+            key = "bw_MBps" if "128k" in job else "iops"
+            cells = [f"{results[s][job][key]:.0f}" for s in servers_]
+            lines.append(f"| {job} | " + " | ".join(cells) + " |")
+        lines.append(f"| server RSS (MiB) | " + " | ".join(f"{results[s]['rss_mib']:.0f}"
+                                                         for s in servers_) + " |")
+        lines += ["", "Ratios (targets from issue 7):", ""]
+        checks = [
+            ("BTT randread 4k QD16 / python-passthrough (>= 0.9)", "ours-btt-none",
+             "python-passthrough", "randread 4k QD16", "iops", 0.9, True),
+            ("BTT randread 4k QD16 / qemu-nbd (>= 1.0)", "ours-btt-none", "qemu-nbd",
+             "randread 4k QD16", "iops", 1.0, True),
+            ("BTT(none) randwrite 4k QD16 / python-passthrough (>= 0.8)", "ours-btt-none",
+             "python-passthrough", "randwrite 4k QD16", "iops", 0.8, True),
+            ("BTT read QD1 latency / python-passthrough (<= 1.15)", "ours-btt-none",
+             "python-passthrough", "randread 4k QD1", "lat_us", 1.15, False),
+            ("BTT(none) write QD1 latency / python-passthrough (<= 1.15)", "ours-btt-none",
+             "python-passthrough", "randwrite 4k QD1", "lat_us", 1.15, False),
+            ("group / strict randwrite 4k QD16", "ours-btt-group", "ours-btt-strict",
+             "randwrite 4k QD16", "iops", None, True),
+        ]
+        for text, s, ref, job, key, target, higher in checks:
+            r = ratio(results, s, ref, job, key)
+            if r is None:
+                continue
+            ok = "" if target is None else (" — met" if (r >= target if higher else r <= target)
+                                            else " — **not met**")
+            lines.append(f"* {text}: {r:.2f}{ok}")
+        lines.append("")
+    if scale_res:
+        lines += ["## 1 TiB namespace vs 1 GiB (sparse, disk-backed, durability none)", "",
+                  "| namespace | server ready (s) | server RSS (MiB) | randread 4k QD16 IOPS |",
+                  "|---|---|---|---|"]
+        for label in ("1GiB", "1TiB"):
+            r = scale_res[label]
+            lines.append(f"| {label} | {r['server_ready_s']} | {r['rss_mib']} | "
+                         f"{r['randread_4k_qd16_iops']} |")
+        lines += ["", f"IOPS ratio 1 TiB / 1 GiB: {scale_res['iops_ratio_1TiB_vs_1GiB']} "
+                  "(target: within 10%)", ""]
+    lines += ["Raw data: `docs/bench/latest.json`; chart: `docs/bench/chart.png`.", ""]
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def chart(all_results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(len(all_results), 1, figsize=(12, 5 * len(all_results)), squeeze=False)
+    for ax, (where, results) in zip(axes[:, 0], all_results.items()):
+        servers_ = list(results)
+        width = 0.8 / len(servers_)
+        for i, s in enumerate(servers_):
+            ref = results.get("nbdkit-file") or results[servers_[0]]
+            vals = [results[s][j]["iops"] / max(ref[j]["iops"], 1) for j in JOBS]
+            ax.bar([k + i * width for k in range(len(JOBS))], vals, width, label=s)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(JOBS))])
+        ax.set_xticklabels(list(JOBS), rotation=20, fontsize=8)
+        ax.set_ylabel("relative to nbdkit file plugin")
+        ax.set_title(f"backing file on {where}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=float, default=5)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="2 s per job, tmpfs only, no scale run")
+    ap.add_argument("--only", type=lambda s: s.split(","), default=None)
+    ap.add_argument("--no-disk", action="store_true")
+    ap.add_argument("--no-scale", action="store_true")
+    ap.add_argument("--threadmodel", default="serialize_all")
+    ap.add_argument("--disk-dir", default=os.path.join(ROOT, "var"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    args = ap.parse_args()
+    if args.quick:
+        args.runtime, args.no_disk, args.no_scale = 2, True, True
+    for tool in ("nbdkit", "fio", "qemu-nbd"):
+        if not shutil.which(tool, path=ENV["PATH"]):
+            sys.exit(f"bench: {tool} is not installed (make deps)")
+    os.makedirs(args.disk_dir, exist_ok=True)
+    all_results = {}
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        all_results["tmpfs"] = run_matrix("tmpfs", d, args)
+    if not args.no_disk:
+        with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
+            all_results["disk"] = run_matrix("disk", d, args)
+    scale_res = None if args.no_scale else scale(args)
+    os.makedirs(os.path.join(args.out, "bench"), exist_ok=True)
+    with open(os.path.join(args.out, "bench", "latest.json"), "w") as f:
+        json.dump({"results": all_results, "scale": scale_res, "runtime": args.runtime,
+                   "repeat": args.repeat, "threadmodel": args.threadmodel}, f, indent=2)
+    chart(all_results, os.path.join(args.out, "bench", "chart.png"))
+    md = markdown(all_results, scale_res, args)
+    with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
