@@ -1,0 +1,186 @@
+"""The control socket: JSON lines over a Unix socket, one request object per line, one reply
+per line. Transport only; what the requests mean is the handler's business.
+
+Safety rules (design.md, "Control plane"):
+* the socket is created mode 0600; `private_socket_dir()` makes a 0700 directory for it;
+* peers are identified with SO_PEERCRED: only the server's own uid and root may talk;
+* lines are bounded (64 KiB), idle clients time out, malformed input gets an error reply,
+  and nothing a client sends can raise out of the server;
+* handler calls from all clients are serialised by one lock, which the I/O path never takes.
+
+Replies: {"id": ..., "ok": true, "result": ...} or
+         {"id": ..., "ok": false, "errno": "EBUSY", "code": 16, "error": "message"}.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import tempfile
+import threading
+
+MAX_LINE = 64 * 1024
+IDLE_TIMEOUT = 30.0
+MAX_CLIENTS = 32
+
+
+class ControlError(Exception):
+    """A refusal with an errno, as the kernel's sysfs would give it."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(message)
+        self.errno = err
+
+
+def error_reply(req_id, err: int, message: str) -> dict:
+    return {"id": req_id, "ok": False, "errno": errno.errorcode.get(err, str(err)), "code": err,
+            "error": message}
+
+
+def private_socket_dir(base: str | None = None) -> str:
+    """A fresh 0700 directory (under base, or the system temp dir) to hold a socket."""
+    return tempfile.mkdtemp(prefix="bttctl-", dir=base)
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class ControlServer:
+    """Serves `handler(request: dict) -> result` on a Unix socket from background threads."""
+
+    def __init__(self, path: str, handler, *, idle_timeout: float = IDLE_TIMEOUT,
+                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS):
+        self.path = os.path.abspath(path)
+        self.handler = handler
+        self.idle_timeout = idle_timeout
+        self.max_line = max_line
+        self.lock = threading.Lock()  # the "bus lock": one state change at a time
+        self._clients = threading.BoundedSemaphore(max_clients)
+        self._sock = None
+        self._thread = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Binds and starts accepting. Call after nbdkit has forked (threads die in a fork)."""
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._sock:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                continue
+            if not self._clients.acquire(blocking=False):
+                self._send(conn, error_reply(None, errno.EAGAIN, "too many control clients"))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_client, args=(conn,), daemon=True,
+                             name="control-client").start()
+
+    def _send(self, conn, reply: dict) -> bool:
+        try:
+            conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+            return True
+        except OSError:
+            return False
+
+    def _serve_client(self, conn: socket.socket) -> None:
+        try:
+            uid = peer_uid(conn)
+            if uid not in (0, os.getuid()):
+                self._send(conn, error_reply(None, errno.EACCES,
+                                             f"uid {uid} may not use this control socket"))
+                return
+            conn.settimeout(self.idle_timeout)
+            buf = b""
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    if len(buf) > self.max_line:
+                        self._send(conn, error_reply(None, errno.E2BIG,
+                                                     f"request longer than {self.max_line} bytes"))
+                        return
+                    try:
+                        chunk = conn.recv(65536)
+                    except socket.timeout:
+                        self._send(conn, error_reply(None, errno.ETIMEDOUT,
+                                                     "no complete request before the timeout"))
+                        return
+                    if not chunk:
+                        return
+                    buf += chunk
+                    continue
+                line, buf = buf[:nl], buf[nl + 1:]
+                if line.strip() and not self._send(conn, self._answer(line)):
+                    return
+        except OSError:
+            return
+        finally:
+            conn.close()
+            self._clients.release()
+
+    def _answer(self, line: bytes) -> dict:
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            return error_reply(None, errno.EINVAL, f"not a JSON object: {e}")
+        if not isinstance(request, dict):
+            return error_reply(None, errno.EINVAL, "a request must be a JSON object")
+        req_id = request.get("id")
+        with self.lock:
+            try:
+                return {"id": req_id, "ok": True, "result": self.handler(request)}
+            except ControlError as e:
+                return error_reply(req_id, e.errno, str(e))
+            except OSError as e:
+                return error_reply(req_id, e.errno or errno.EIO, str(e))
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+                return error_reply(req_id, errno.EIO, f"internal error: {type(e).__name__}: {e}")
+
+
+def request(path: str, req: dict, timeout: float = 30.0) -> dict:
+    """Client side: sends one request, returns the reply object."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("control socket closed without a reply")
+            buf += chunk
+        return json.loads(buf.split(b"\n", 1)[0])

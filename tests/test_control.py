@@ -1,0 +1,152 @@
+"""Control socket transport: permissions, peer credentials, malformed/huge/slow input,
+many clients, abrupt disconnects, serialisation."""
+import errno
+import json
+import os
+import random
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from plugin.control import ControlError, ControlServer, private_socket_dir, request
+
+
+class Counter:
+    """A handler with state that must never be half-updated under concurrency."""
+
+    def __init__(self):
+        self.a = self.b = 0
+
+    def __call__(self, req):
+        op = req.get("op")
+        if op == "inc":
+            a = self.a
+            time.sleep(0.0005)  # widen the window a missing lock would expose
+            self.a, self.b = a + 1, self.b + 1
+            return {"a": self.a}
+        if op == "get":
+            return {"a": self.a, "b": self.b}
+        if op == "busy":
+            raise ControlError(errno.EBUSY, "namespace0.0 is claimed by btt0.0")
+        if op == "bug":
+            raise KeyError("oops")
+        raise ControlError(errno.EINVAL, f"unknown op {op!r}; valid: inc, get, busy")
+
+
+@pytest.fixture
+def server():
+    d = private_socket_dir()
+    srv = ControlServer(os.path.join(d, "control.sock"), Counter(), idle_timeout=1.0)
+    srv.start()
+    yield srv
+    srv.stop()
+    os.rmdir(d)
+
+
+def raw(path, payload, read=True, timeout=5):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(payload)
+    out = b""
+    if read:
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+                if out.endswith(b"\n") and out.count(b"\n") >= payload.count(b"\n"):
+                    break
+        except socket.timeout:
+            pass
+    s.close()
+    return [json.loads(l) for l in out.splitlines() if l.strip()]
+
+
+def test_socket_is_private(server):
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(server.path)).st_mode) == 0o700
+
+
+def test_request_reply_and_errors(server):
+    assert request(server.path, {"id": 7, "op": "inc"}) == {"id": 7, "ok": True, "result": {"a": 1}}
+    r = request(server.path, {"id": 8, "op": "busy"})
+    assert r["ok"] is False and r["errno"] == "EBUSY" and r["code"] == errno.EBUSY
+    r = request(server.path, {"op": "nope"})
+    assert r["errno"] == "EINVAL" and "valid: inc" in r["error"]
+    r = request(server.path, {"op": "bug"})
+    assert r["errno"] == "EIO" and "internal error" in r["error"]
+    assert request(server.path, {"op": "get"})["result"] == {"a": 1, "b": 1}
+
+
+def test_malformed_lines_get_errors_and_the_connection_goes_on(server):
+    replies = raw(server.path, b'not json\n[1,2]\n\xff\xfe\n{"op":"get"}\n')
+    assert [r["ok"] for r in replies] == [False, False, False, True]
+    assert all(r["errno"] == "EINVAL" for r in replies[:3])
+
+
+def test_huge_line_refused(server):
+    replies = raw(server.path, b"x" * (200 * 1024))
+    assert replies and replies[0]["errno"] == "E2BIG"
+    assert request(server.path, {"op": "get"})["ok"]
+
+
+def test_slow_client_times_out(server):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(server.path)
+    s.sendall(b'{"op": "ge')
+    s.settimeout(5)
+    reply = json.loads(s.recv(65536).splitlines()[0])
+    assert reply["errno"] == "ETIMEDOUT"
+    assert s.recv(10) == b""  # closed
+    s.close()
+
+
+def test_fuzz_random_bytes_and_abrupt_disconnects(server):
+    rng = random.Random(5)
+    for i in range(200):
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        if rng.random() < 0.5:
+            payload += b"\n"
+        raw(server.path, payload, read=payload.endswith(b"\n") and rng.random() < 0.3, timeout=0.5)
+    assert request(server.path, {"op": "get"})["ok"]
+
+
+def test_many_concurrent_clients_are_serialised(server):
+    def worker():
+        for _ in range(20):
+            assert request(server.path, {"op": "inc"})["ok"]
+
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert request(server.path, {"op": "get"})["result"] == {"a": 200, "b": 200}
+
+
+def test_other_uid_refused(server):
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    os.chmod(os.path.dirname(server.path), 0o755)  # let the other uid reach the socket...
+    os.chmod(server.path, 0o666)  # ...so the refusal tested is the credential check
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            reply = request(server.path, {"op": "inc"})
+            os.write(w, json.dumps(reply).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    reply = json.loads(os.read(r, 65536))
+    assert reply["ok"] is False and reply["errno"] == "EACCES"
+    assert request(server.path, {"op": "get"})["result"]["a"] == 0
