@@ -76,7 +76,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(16)
+        sock.listen(64)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
                                         daemon=True)

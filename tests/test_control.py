@@ -49,7 +49,12 @@ def server():
 def raw(path, payload, read=True, timeout=5):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
-    s.connect(path)
+    for _ in range(100):  # a flood may fill the listen backlog: EAGAIN, try again
+        try:
+            s.connect(path)
+            break
+        except BlockingIOError:
+            time.sleep(0.01)
     s.sendall(payload)
     out = b""
     if read:
