@@ -1,7 +1,7 @@
 """Builds btt_core._btt_cffi, the C engine's Python binding (cffi API mode, out of line).
 
-The C sources stay real .c/.h files under btt_core/; this file only lists what Python may
-call. Set BTT_SANITIZE=1 to build with AddressSanitizer and UBSan (the fuzz tests do).
+The C sources stay real .c/.h files under btt_core/; Python sees exactly what btt.h
+declares. Set BTT_SANITIZE=1 to build with AddressSanitizer and UBSan (the fuzz tests do).
 """
 import os
 
