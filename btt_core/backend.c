@@ -511,3 +511,8 @@ uint64_t btt_io_size(struct btt_io *io)
 {
 	return io->ops->size(io);
 }
+
+int btt_io_zero(struct btt_io *io, uint64_t off, uint64_t len)
+{
+	return io->ops->zero(io, off, len);
+}

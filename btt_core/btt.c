@@ -1336,6 +1336,28 @@ int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
 	return rc;
 }
 
+/* ---- byte-addressed entry points (the NBD server's hot path) -------------------------- */
+
+static int byte_range(struct btt *b, uint64_t len, uint64_t off)
+{
+	if (off % b->sector_size || len % b->sector_size)
+		return seterr(EINVAL, "request [%llu, +%llu) is not aligned to %u-byte sectors",
+			      (unsigned long long)off, (unsigned long long)len, b->sector_size);
+	return 0;
+}
+
+int btt_pread(struct btt *b, void *buf, uint64_t len, uint64_t off)
+{
+	int rc = byte_range(b, len, off);
+	return rc ? rc : btt_read(b, off / b->sector_size, len / b->sector_size, buf);
+}
+
+int btt_pwrite(struct btt *b, const void *buf, uint64_t len, uint64_t off, int flags)
+{
+	int rc = byte_range(b, len, off);
+	return rc ? rc : btt_write(b, off / b->sector_size, len / b->sector_size, buf, flags);
+}
+
 /* ---- open / close ---------------------------------------------------------------- */
 
 static void free_btt(struct btt *b)

@@ -44,6 +44,7 @@ int btt_io_read(struct btt_io *io, void *buf, size_t len, uint64_t off);
 int btt_io_write(struct btt_io *io, const void *buf, size_t len, uint64_t off);
 int btt_io_sync(struct btt_io *io);
 uint64_t btt_io_size(struct btt_io *io);
+int btt_io_zero(struct btt_io *io, uint64_t off, uint64_t len);
 
 /* Recording (memory backend only): every write and every sync becomes a record, stamped
  * with a clock shared by all memory images so records of two images can be merged. */
@@ -162,6 +163,10 @@ int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags);
 /* Zero-flag extension: mark sectors as reading zeros by setting Z in their map entries. */
 int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags);
 int btt_flush(struct btt *b);
+/* Byte-addressed I/O for servers: offset and length must be whole sectors, else -EINVAL
+ * (no read-modify-write: it would break per-sector atomicity). */
+int btt_pread(struct btt *b, void *buf, uint64_t len, uint64_t off);
+int btt_pwrite(struct btt *b, const void *buf, uint64_t len, uint64_t off, int flags);
 /* Group mode: commit staged writes at least every interval_ms from a background thread. */
 int btt_start_timer(struct btt *b, unsigned interval_ms);
 

@@ -96,6 +96,10 @@ class Io:
     def sync(self) -> None:
         _check(lib.btt_io_sync(self._ptr))
 
+    def zero(self, offset: int, length: int) -> None:
+        """Make a range read as zeros cheaply (a punched hole on files)."""
+        _check(lib.btt_io_zero(self._ptr, offset, length))
+
     def set_recording(self, on: bool) -> None:
         _check(lib.btt_mem_set_recording(self._ptr, int(on)))
 
@@ -311,6 +315,15 @@ class Btt:
     def write(self, lba: int, data, fua: bool = False) -> None:
         n = self._whole(len(data) if not isinstance(data, memoryview) else data.nbytes)
         _check(lib.btt_write(self._ptr, lba, n, ffi.from_buffer(data), lib.BTT_FUA if fua else 0))
+
+    # Byte-addressed variants for servers: C checks the alignment (EINVAL), one call each.
+    def pread(self, buf, offset: int) -> None:
+        _check(lib.btt_pread(self._ptr, ffi.from_buffer(buf, require_writable=True), len(buf),
+                             offset))
+
+    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
+        _check(lib.btt_pwrite(self._ptr, ffi.from_buffer(buf), len(buf), offset,
+                              lib.BTT_FUA if fua else 0))
 
     def write_zeroes(self, lba: int, nsectors: int, fua: bool = False) -> None:
         _check(lib.btt_write_zeroes(self._ptr, lba, nsectors, lib.BTT_FUA if fua else 0))

@@ -1,0 +1,160 @@
+"""What the server exports: namespaces, their mode (raw or sector), and their I/O backends.
+
+Until labels are wired in, a region file is one label-less namespace `namespace<R>.0`
+covering the whole file (R = position of its region= parameter), autodetected at start:
+a valid BTT info block (1.1 at +4 KiB, or 2.0 at 0) means sector mode through the engine,
+anything else raw. The registry maps export names (namespace name and alt_name alias) to
+namespaces; the control socket changes it at run time.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+from btt_core import Btt, BttError, Io, probe
+
+RAW_SECTOR = 4096  # block size advertised for raw exports
+MAX_REQUEST = 32 << 20  # nbdkit's own request limit
+
+
+class RawBackend:
+    """Bytes straight through to the file (zero copy into nbdkit's buffers)."""
+
+    mode = "raw"
+
+    def __init__(self, path: str, offset: int, size: int, readonly: bool):
+        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        self.io = Io.file(path, readonly=readonly)
+        self.offset, self.size, self.readonly = offset, size, readonly
+        self.sector_size = RAW_SECTOR
+        self.uuid = ""
+
+    def pread(self, buf, offset: int) -> None:
+        if os.preadv(self.fd, [buf], self.offset + offset) != len(buf):
+            raise OSError(errno.EIO, "short read from the region file")
+
+    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
+        if os.pwrite(self.fd, buf, self.offset + offset) != len(buf):
+            raise OSError(errno.EIO, "short write to the region file")
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
+        self.io.zero(self.offset + offset, count)  # a punched hole reads as zeros
+        if fua:
+            os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.io.close()
+
+
+class SectorBackend:
+    """Through the BTT engine: every sector write atomic."""
+
+    mode = "sector"
+
+    def __init__(self, path: str, offset: int, size: int | None, readonly: bool,
+                 durability: str, zero_flag: bool, commit_ms: int):
+        self.btt = Btt.open(path, offset=offset, size=size, readonly=readonly,
+                            durability=durability)
+        self.btt.start_timer(commit_ms)
+        self.readonly, self.zero_flag = readonly, zero_flag
+        self.sector_size = self.btt.sector_size
+        self.size = self.btt.size
+        self.uuid = self.btt.uuid
+        self.pread = self.btt.pread  # bound once: the hot path is one C call
+        self.pwrite = self.btt.pwrite
+
+    def flush(self) -> None:
+        self.btt.flush()
+
+    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
+        ss = self.sector_size
+        if offset % ss or count % ss:
+            raise BttError(errno.EINVAL, f"zero request not aligned to {ss}-byte sectors")
+        if self.zero_flag and may_trim:
+            self.btt.set_zero(offset // ss, count // ss, fua)
+        else:
+            self.btt.write_zeroes(offset // ss, count // ss, fua)
+
+    def close(self) -> None:
+        self.btt.close()
+
+
+class Namespace:
+    def __init__(self, name: str, path: str, offset: int = 0, size: int | None = None,
+                 alt_name: str = ""):
+        self.name, self.path, self.offset, self.alt_name = name, path, offset, alt_name
+        self.size = os.path.getsize(path) - offset if size is None else size
+        self.backend = None
+        self.detected = None  # probe() result, or None for raw
+
+    def detect(self) -> str:
+        """Autodetection, as on enable: 'sector' if a valid BTT starts here, else 'raw'.
+        Damage behind a valid info block is refused rather than exposed raw."""
+        try:
+            self.detected = probe(self.path, offset=self.offset, size=self.size)
+        except BttError as e:
+            raise BttError(e.errno, f"{self.name} ({self.path}): {e.strerror}; run "
+                           f"`bttctl check-namespace {self.path}`") from None
+        return "sector" if self.detected else "raw"
+
+    def enable(self, *, readonly: bool, durability: str, zero_flag: bool, commit_ms: int):
+        readonly = readonly or not os.access(self.path, os.W_OK)
+        if self.detect() == "sector":
+            self.backend = SectorBackend(self.path, self.offset, self.size, readonly, durability,
+                                         zero_flag, commit_ms)
+        else:
+            self.backend = RawBackend(self.path, self.offset, self.size, readonly)
+
+    def disable(self) -> None:
+        if self.backend:
+            backend, self.backend = self.backend, None
+            backend.close()
+
+    def description(self) -> str:
+        b = self.backend
+        if b is None:
+            return f"{self.name}: disabled"
+        desc = f"{b.mode} mode, {b.sector_size}-byte sectors, {b.size} bytes"
+        if b.mode == "sector":
+            desc += f", BTT {b.btt.version} uuid {b.uuid}"
+        return desc + (", read-only" if b.readonly else "")
+
+
+class Registry:
+    """Export name -> namespace. Changes happen under `lock`; lookups need none."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.namespaces: dict[str, Namespace] = {}
+
+    def add(self, ns: Namespace) -> None:
+        self.namespaces[ns.name] = ns
+
+    def exports(self) -> list[tuple[str, str]]:
+        out = []
+        for ns in self.namespaces.values():
+            if ns.backend is None:
+                continue
+            out.append((ns.name, ns.description()))
+            if ns.alt_name:
+                out.append((ns.alt_name, f"alias of {ns.name}: {ns.description()}"))
+        return out
+
+    def lookup(self, export: str) -> Namespace | None:
+        for ns in self.namespaces.values():
+            if ns.backend is not None and export in (ns.name, ns.alt_name):
+                return ns
+        return None
+
+    def default(self) -> str:
+        for ns in self.namespaces.values():
+            if ns.backend is not None:
+                return ns.name
+        return ""

@@ -1,0 +1,225 @@
+"""nbdkit callbacks, in lifecycle order (as nbdkit's file plugin lays them out).
+
+    nbdkit -U SOCK python plugin/nbdkit_btt.py region=FILE [region=FILE ...]
+           [durability=group|strict|none] [zero-flag=on|off] [threadmodel=...]
+           [commit-ms=50] [control=PATH]
+
+Data callbacks are one line each: the namespace's backend does one C call (sector mode)
+or one syscall (raw mode). Errors become the errno the client sees via nbdkit.set_error.
+"""
+import errno
+import os
+
+import nbdkit
+
+from plugin.namespaces import MAX_REQUEST, Namespace, Registry
+
+API_VERSION = 2
+
+__all__ = ["API_VERSION", "config", "config_complete", "thread_model", "get_ready", "after_fork",
+           "cleanup", "list_exports", "default_export", "open", "close", "export_description",
+           "get_size", "block_size", "is_rotational", "can_write", "can_flush", "can_fua",
+           "can_zero", "can_fast_zero", "can_trim", "can_multi_conn", "pread", "pwrite", "flush",
+           "zero", "trim"]
+
+THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
+                 "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
+                 "parallel": nbdkit.THREAD_MODEL_PARALLEL}
+settings = {"regions": [], "durability": "group", "zero-flag": "off",
+            "threadmodel": "serialize_all", "commit-ms": "50", "control": None}
+registry = Registry()
+control_server = None
+
+
+class Connection:
+    """Per-connection handle: the namespace and whether this client may write."""
+
+    __slots__ = ("ns", "readonly")
+
+    def __init__(self, ns, readonly):
+        self.ns, self.readonly = ns, readonly
+
+
+def _fail(e: OSError):
+    nbdkit.set_error(e.errno or errno.EIO)
+    raise e
+
+
+# ---- configuration ------------------------------------------------------------------
+
+def config(key, value):
+    if key == "region":
+        settings["regions"].append(os.path.abspath(value))  # nbdkit chdirs to / later
+    elif key == "durability":
+        if value not in ("group", "strict", "none"):
+            raise ValueError(f"durability={value}: use group, strict or none")
+        settings[key] = value
+    elif key == "zero-flag":
+        if value not in ("on", "off"):
+            raise ValueError(f"zero-flag={value}: use on or off")
+        settings[key] = value
+    elif key == "threadmodel":
+        if value not in THREAD_MODELS:
+            raise ValueError(f"threadmodel={value}: use one of {', '.join(THREAD_MODELS)}")
+        settings[key] = value
+    elif key == "commit-ms":
+        if not value.isdigit() or not 1 <= int(value) <= 60000:
+            raise ValueError(f"commit-ms={value}: use 1..60000")
+        settings[key] = value
+    elif key == "control":
+        settings[key] = os.path.abspath(value)
+    else:
+        raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
+                         f"zero-flag, threadmodel, commit-ms, control")
+
+
+def config_complete():
+    if not settings["regions"]:
+        raise ValueError("give at least one region=FILE")
+    for i, path in enumerate(settings["regions"]):
+        if not os.path.isfile(path):
+            raise ValueError(f"region={path}: no such file")
+        registry.add(Namespace(f"namespace{i}.0", path))
+
+
+def thread_model():
+    return THREAD_MODELS[settings["threadmodel"]]
+
+
+def get_ready():
+    # Autodetect now so that errors reach the user before nbdkit daemonizes; the engines
+    # themselves are opened in after_fork, where their commit timers survive.
+    for ns in registry.namespaces.values():
+        ns.detect()
+
+
+def after_fork():
+    global control_server
+    readonly = False
+    for ns in registry.namespaces.values():
+        ns.enable(readonly=readonly, durability=settings["durability"],
+                  zero_flag=settings["zero-flag"] == "on", commit_ms=int(settings["commit-ms"]))
+    if settings["control"]:
+        from plugin.control import ControlServer
+        from plugin.control_handler import handler_for
+        control_server = ControlServer(settings["control"], handler_for(registry, settings))
+        control_server.start()
+
+
+def cleanup():
+    if control_server:
+        control_server.stop()
+    for ns in registry.namespaces.values():
+        ns.disable()
+
+
+# ---- connections ----------------------------------------------------------------------
+
+def list_exports(readonly, is_tls):
+    return registry.exports()
+
+
+def default_export(readonly, is_tls):
+    return registry.default()
+
+
+def open(readonly):
+    name = nbdkit.export_name()
+    ns = registry.lookup(name)
+    if ns is None:
+        known = ", ".join(n for n, _ in registry.exports()) or "none"
+        raise LookupError(f"no export named {name!r}; exports: {known}")
+    return Connection(ns, readonly or ns.backend.readonly)
+
+
+def close(h):
+    pass
+
+
+def export_description(h):
+    return h.ns.description()
+
+
+def get_size(h):
+    return h.ns.backend.size
+
+
+def block_size(h):
+    ss = h.ns.backend.sector_size
+    return (ss, ss, MAX_REQUEST)
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return not h.readonly
+
+
+def can_flush(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    b = h.ns.backend
+    return b.mode == "raw" or b.zero_flag
+
+
+def can_trim(h):
+    b = h.ns.backend
+    return b.mode == "raw" or b.zero_flag
+
+
+def can_multi_conn(h):
+    # One engine per namespace per process: a flush on any connection commits them all.
+    return True
+
+
+# ---- data ------------------------------------------------------------------------------
+
+def pread(h, buf, offset, flags):
+    try:
+        h.ns.backend.pread(buf, offset)
+    except OSError as e:
+        _fail(e)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.ns.backend.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    except OSError as e:
+        _fail(e)
+
+
+def flush(h, flags):
+    try:
+        h.ns.backend.flush()
+    except OSError as e:
+        _fail(e)
+
+
+def zero(h, count, offset, flags):
+    b = h.ns.backend
+    if flags & nbdkit.FLAG_FAST_ZERO and not can_fast_zero(h):
+        nbdkit.set_error(errno.EOPNOTSUPP)
+        raise OSError(errno.EOPNOTSUPP, "fast zero needs zero-flag=on")
+    try:
+        b.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), bool(flags & nbdkit.FLAG_FUA))
+    except OSError as e:
+        _fail(e)
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.ns.backend.zero(count, offset, True, bool(flags & nbdkit.FLAG_FUA))
+    except OSError as e:
+        _fail(e)
