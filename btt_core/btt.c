@@ -1340,6 +1340,9 @@ int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
 
 static int byte_range(struct btt *b, uint64_t len, uint64_t off)
 {
+	if (len > BTT_MAX_REQUEST)
+		return seterr(EINVAL, "request of %llu bytes is larger than the %u advertised",
+			      (unsigned long long)len, BTT_MAX_REQUEST);
 	if (off % b->sector_size || len % b->sector_size)
 		return seterr(EINVAL, "request [%llu, +%llu) is not aligned to %u-byte sectors",
 			      (unsigned long long)off, (unsigned long long)len, b->sector_size);

@@ -163,8 +163,10 @@ int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags);
 /* Zero-flag extension: mark sectors as reading zeros by setting Z in their map entries. */
 int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags);
 int btt_flush(struct btt *b);
-/* Byte-addressed I/O for servers: offset and length must be whole sectors, else -EINVAL
+/* Byte-addressed I/O for servers: offset and length must be whole sectors, and the length
+ * at most BTT_MAX_REQUEST (the maximum block size servers advertise), else -EINVAL
  * (no read-modify-write: it would break per-sector atomicity). */
+#define BTT_MAX_REQUEST 33554432u
 int btt_pread(struct btt *b, void *buf, uint64_t len, uint64_t off);
 int btt_pwrite(struct btt *b, const void *buf, uint64_t len, uint64_t off, int flags);
 /* Group mode: commit staged writes at least every interval_ms from a background thread. */

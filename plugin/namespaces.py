@@ -15,7 +15,7 @@ import threading
 from btt_core import Btt, BttError, Io, probe
 
 RAW_SECTOR = 4096  # block size advertised for raw exports
-MAX_REQUEST = 32 << 20  # nbdkit's own request limit
+MAX_REQUEST = 32 << 20  # the maximum block size we advertise (btt.h: BTT_MAX_REQUEST)
 
 
 class RawBackend:
@@ -31,10 +31,14 @@ class RawBackend:
         self.uuid = ""
 
     def pread(self, buf, offset: int) -> None:
+        if len(buf) > MAX_REQUEST:
+            raise OSError(errno.EINVAL, f"request larger than {MAX_REQUEST} bytes")
         if os.preadv(self.fd, [buf], self.offset + offset) != len(buf):
             raise OSError(errno.EIO, "short read from the region file")
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
+        if len(buf) > MAX_REQUEST:
+            raise OSError(errno.EINVAL, f"request larger than {MAX_REQUEST} bytes")
         if os.pwrite(self.fd, buf, self.offset + offset) != len(buf):
             raise OSError(errno.EIO, "short write to the region file")
         if fua:

@@ -102,10 +102,10 @@ def cmd_serve(args) -> int:
             f"control={control}"]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
     proc = subprocess.Popen(argv, env=env)
-    stop = {"signal": None}
+    stop = {"signal": None, "at": 0.0}
 
     def on_signal(signum, frame):
-        stop["signal"] = signum
+        stop["signal"], stop["at"] = signum, time.time()
         proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, on_signal)
@@ -138,7 +138,16 @@ control socket: {control}
   fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs=4k --size=256M
 
 Ctrl-C stops the server.""")
-    rc = proc.wait()
+    while True:
+        try:
+            rc = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            # nbdkit waits for connected clients; after 10 s stop it regardless (the intent
+            # journal keeps every acknowledged write across the SIGKILL).
+            if stop["signal"] is not None and time.time() - stop["at"] > 10:
+                _say("bttctl serve: clients still connected after 10 s; killing nbdkit")
+                proc.kill()
     if stop["signal"] is not None:
         _say("bttctl serve: stopped")
         return 0

@@ -1,0 +1,71 @@
+"""Spawning our nbdkit server for end-to-end tests: one private socket dir per server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(ROOT, "plugin", "nbdkit_btt.py")
+ENV = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
+
+
+class Server:
+    def __init__(self, workdir, regions, *params, readonly=False, wrap=(), extra=()):
+        self.sock = os.path.join(str(workdir), "nbd.sock")
+        self.log = os.path.join(str(workdir), "nbdkit.log")
+        self.argv = [*wrap, "nbdkit", "--foreground", "--unix", self.sock,
+                     *(["-r"] if readonly else []), *extra, "python", ENTRY,
+                     *[f"region={r}" for r in regions], *params]
+        self.proc = None
+
+    def uri(self, export="namespace0.0"):
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def start(self, timeout=30):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv, env=ENV, stdout=self.logf, stderr=self.logf)
+        deadline = time.time() + timeout
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"nbdkit did not start: {self.output()[-3000:]}")
+            time.sleep(0.05)
+        return self
+
+    def output(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(5)  # nbdkit waits for connected clients; do not wait forever
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.logf.close()
+        # The process has exited, so the socket path is no longer anybody's: remove it so
+        # that a restart cannot race with an old nbdkit unlinking it.
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def connect(server, export="namespace0.0", strict=True):
+    import nbd
+    h = nbd.NBD()
+    if not strict:
+        h.set_strict_mode(0)
+    h.set_export_name(export)
+    h.connect_unix(server.sock)
+    return h

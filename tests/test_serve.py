@@ -1,0 +1,72 @@
+"""`bttctl serve` end to end: default region, URI, nbdinfo, Ctrl-C; TCP on localhost."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nbd_helpers import ENV
+
+pytestmark = pytest.mark.e2e
+BTTCTL = [sys.executable, "-m", "plugin.cli"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_serve(cwd, *args):
+    env = dict(ENV, PYTHONPATH=ROOT)
+    p = subprocess.Popen([*BTTCTL, "serve", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline().strip()
+    assert line, p.stderr.read()
+    return p, line
+
+
+def test_serve_defaults_then_ctrl_c(tmp_path):
+    p, uri = start_serve(tmp_path)
+    try:
+        assert uri == f"nbd+unix:///namespace0.0?socket={tmp_path}/var/nbd.sock"
+        assert (tmp_path / "var" / "region0.img").stat().st_size == 1 << 30
+        info = subprocess.run(["nbdinfo", uri], env=ENV, capture_output=True, text=True, check=True)
+        assert "block_size_minimum: 4096" in info.stdout and "export-size: 1071611904" in info.stdout
+    finally:
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(20)
+    err = p.stderr.read()
+    assert rc == 0, err
+    assert "nbd-client" in err and "-blockdev driver=nbd" in err and "--ioengine=nbd" in err
+    p, uri2 = start_serve(tmp_path)  # the existing region is served again, not recreated
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0 and uri2 == uri
+
+
+def test_serve_tcp_localhost(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p, uri = start_serve(tmp_path, "--tcp", f"127.0.0.1:{port}", "--durability", "strict")
+    try:
+        assert uri == f"nbd://127.0.0.1:{port}/namespace0.0"
+        info = subprocess.run(["nbdinfo", uri], env=ENV, capture_output=True, text=True, check=True)
+        assert "export-size" in info.stdout
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+
+
+def test_serve_refuses_a_missing_region(tmp_path):
+    p = subprocess.run([*BTTCTL, "serve", "--region", str(tmp_path / "nope.img")], cwd=tmp_path,
+                       env=dict(ENV, PYTHONPATH=ROOT), capture_output=True, text=True)
+    assert p.returncode == 64 and "no such file" in p.stderr
+
+
+def test_help_for_every_verb():
+    for verb in ("serve", "check-namespace", "read-infoblock"):
+        p = subprocess.run([*BTTCTL, verb, "--help"], env=dict(ENV, PYTHONPATH=ROOT),
+                           capture_output=True, text=True)
+        assert p.returncode == 0 and "usage: bttctl" in p.stdout
+    p = subprocess.run([*BTTCTL, "no-such-verb"], env=dict(ENV, PYTHONPATH=ROOT),
+                       capture_output=True, text=True)
+    assert p.returncode == 64
