@@ -19,6 +19,14 @@
 
 /* ---- file backend ------------------------------------------------------------ */
 
+/* What a client can act on: a full disk, or an I/O error. Whatever else the file system
+ * says (EINVAL, EFBIG, ...) is reported as EIO, with the real cause in the message; an
+ * EINVAL would tell an NBD client that its request was malformed. */
+static int io_errno(int err)
+{
+	return err == ENOSPC || err == EDQUOT ? ENOSPC : err == ENOMEM ? ENOMEM : EIO;
+}
+
 struct file_io {
 	struct btt_io io;
 	int fd;
@@ -34,8 +42,8 @@ static int file_read(struct btt_io *io, void *buf, size_t len, uint64_t off)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
-			return seterr(errno, "read of %zu bytes at offset %llu failed: %s", len,
-				      (unsigned long long)off, strerror(errno));
+			return seterr(io_errno(errno), "read of %zu bytes at offset %llu failed: %s",
+				      len, (unsigned long long)off, strerror(errno));
 		if (n == 0)
 			return seterr(EIO, "read at offset %llu is past the end of the file",
 				      (unsigned long long)off);
@@ -54,8 +62,8 @@ static int file_write(struct btt_io *io, const void *buf, size_t len, uint64_t o
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
-			return seterr(errno, "write of %zu bytes at offset %llu failed: %s", len,
-				      (unsigned long long)off, strerror(errno));
+			return seterr(io_errno(errno), "write of %zu bytes at offset %llu failed: %s",
+				      len, (unsigned long long)off, strerror(errno));
 		if (n == 0)
 			return seterr(EIO, "write at offset %llu made no progress",
 				      (unsigned long long)off);
@@ -69,8 +77,7 @@ static int file_sync(struct btt_io *io)
 	/* Never retried: after a failed fdatasync the kernel may have dropped the dirty
 	 * pages, so a second call succeeding would prove nothing. */
 	if (fdatasync(((struct file_io *)io)->fd) < 0)
-		return seterr(errno == EINVAL ? EIO : errno, "fdatasync failed: %s",
-			      strerror(errno));
+		return seterr(io_errno(errno), "fdatasync failed: %s", strerror(errno));
 	return 0;
 }
 

@@ -261,6 +261,8 @@ class Btt:
             if durability == "group":
                 if readonly:
                     jio = Io.file(jpath, readonly=True) if os.path.exists(jpath) else None
+                elif os.environ.get("BTT_TEST_MUTATION") == "no-journal":
+                    jio = None  # test-only: proves the kill -9 test catches a journal-less server
                 else:
                     jio = Io.file(jpath, create=True)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 
 from btt_core import Btt, BttError, Io, probe
@@ -119,7 +120,10 @@ class Namespace:
     def disable(self) -> None:
         if self.backend:
             backend, self.backend = self.backend, None
-            backend.close()
+            try:
+                backend.close()
+            except OSError as e:  # e.g. after a failed fdatasync: say so once, plainly
+                print(f"{self.name}: closing {self.path}: {e}", file=sys.stderr)
 
     def description(self) -> str:
         b = self.backend

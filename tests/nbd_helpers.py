@@ -12,7 +12,8 @@ ENV = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("P
 
 
 class Server:
-    def __init__(self, workdir, regions, *params, readonly=False, wrap=(), extra=()):
+    def __init__(self, workdir, regions, *params, readonly=False, wrap=(), extra=(), env=None):
+        self.env = dict(ENV, **(env or {}))
         self.sock = os.path.join(str(workdir), "nbd.sock")
         self.log = os.path.join(str(workdir), "nbdkit.log")
         self.argv = [*wrap, "nbdkit", "--foreground", "--unix", self.sock,
@@ -27,7 +28,7 @@ class Server:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.argv, env=ENV, stdout=self.logf, stderr=self.logf)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.logf, stderr=self.logf)
         deadline = time.time() + timeout
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.time() > deadline:
