@@ -70,3 +70,22 @@ def test_help_for_every_verb():
     p = subprocess.run([*BTTCTL, "no-such-verb"], env=dict(ENV, PYTHONPATH=ROOT),
                        capture_output=True, text=True)
     assert p.returncode == 64
+
+
+def test_serve_starts_the_control_socket(tmp_path):
+    from plugin.control import request
+    p, uri = start_serve(tmp_path)
+    try:
+        ctl = tmp_path / "var" / "nbd.ctl"
+        for _ in range(100):
+            if ctl.exists():
+                break
+            time.sleep(0.05)
+        assert oct(ctl.stat().st_mode & 0o777) == "0o600"
+        reply = request(str(ctl), {"op": "list"})
+        assert reply["ok"] and reply["result"][0]["dev"] == "namespace0.0"
+        assert reply["result"][0]["mode"] == "sector"
+        assert request(str(ctl), {"op": "frob"})["errno"] == "EINVAL"
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
