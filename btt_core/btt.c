@@ -1164,7 +1164,9 @@ static int check_range(struct btt *b, uint64_t lba, uint64_t count)
 	return 0;
 }
 
-int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags)
+static int do_flush(struct btt *b);
+
+static int do_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags)
 {
 	static const uint8_t zeros[4096];
 	const uint8_t *src = buf;
@@ -1185,13 +1187,8 @@ int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int 
 		rc = write_sector(b, a, premap, src ? src + i * b->sector_size : zeros);
 	}
 	if (!rc && (b->durability != BTT_DUR_GROUP || (flags & BTT_FUA)))
-		rc = btt_flush(b);
+		rc = do_flush(b);
 	return rc;
-}
-
-int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags)
-{
-	return btt_write(b, lba, count, NULL, flags);
 }
 
 /* Zero-flag extension: the sectors keep their blocks and read as zeros (§8). One 4-byte map
@@ -1221,7 +1218,7 @@ static int zero_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n)
 	return rc;
 }
 
-int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
+static int do_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
 {
 	int rc = check_range(b, lba, count);
 
@@ -1253,7 +1250,7 @@ int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
 	return rc;
 }
 
-int btt_flush(struct btt *b)
+static int do_flush(struct btt *b)
 {
 	int rc;
 
@@ -1318,7 +1315,7 @@ static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n,
 	return rc;
 }
 
-int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
+static int do_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
 {
 	uint8_t *dst = buf;
 	int rc = check_range(b, lba, count);
@@ -1347,6 +1344,53 @@ static int byte_range(struct btt *b, uint64_t len, uint64_t off)
 		return seterr(EINVAL, "request [%llu, +%llu) is not aligned to %u-byte sectors",
 			      (unsigned long long)off, (unsigned long long)len, b->sector_size);
 	return 0;
+}
+
+/* ---- the public entry points: each counts itself in, so shutdown can wait for it --- */
+
+int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
+{
+	int rc = btt_enter(b);
+	if (rc)
+		return rc;
+	rc = do_read(b, lba, count, buf);
+	btt_leave(b);
+	return rc;
+}
+
+int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags)
+{
+	int rc = btt_enter(b);
+	if (rc)
+		return rc;
+	rc = do_write(b, lba, count, buf, flags);
+	btt_leave(b);
+	return rc;
+}
+
+int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags)
+{
+	return btt_write(b, lba, count, NULL, flags);
+}
+
+int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
+{
+	int rc = btt_enter(b);
+	if (rc)
+		return rc;
+	rc = do_set_zero(b, lba, count, flags);
+	btt_leave(b);
+	return rc;
+}
+
+int btt_flush(struct btt *b)
+{
+	int rc = btt_enter(b);
+	if (rc)
+		return rc;
+	rc = do_flush(b);
+	btt_leave(b);
+	return rc;
 }
 
 int btt_pread(struct btt *b, void *buf, uint64_t len, uint64_t off)
@@ -1496,25 +1540,40 @@ int btt_start_timer(struct btt *b, unsigned interval_ms)
 	return 0;
 }
 
-int btt_close(struct btt *b)
+int btt_shutdown(struct btt *b)
 {
 	int rc = 0;
 
-	if (!b)
+	if (!b || atomic_exchange(&b->shut, true))
 		return 0;
+	while (atomic_load(&b->users) > 0)
+		sched_yield(); /* calls already inside finish; new ones see `shut` */
 	if (b->timer_running) {
 		pthread_mutex_lock(&b->elock);
 		b->timer_stop = true;
 		pthread_cond_broadcast(&b->econd);
 		pthread_mutex_unlock(&b->elock);
 		pthread_join(b->timer, NULL);
+		b->timer_running = false;
 	}
 	if (!b->readonly) {
-		rc = btt_flush(b);
+		rc = do_flush(b);
 		if (!rc)
 			rc = barrier(b); /* the last map writes too: a clean close needs no redo */
 	}
-	free_btt(b);
+	return rc;
+}
+
+void btt_free(struct btt *b)
+{
+	if (b)
+		free_btt(b);
+}
+
+int btt_close(struct btt *b)
+{
+	int rc = btt_shutdown(b);
+	btt_free(b);
 	return rc;
 }
 

@@ -156,6 +156,11 @@ int btt_format(struct btt_io *io, const struct btt_format_params *p);
 int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **out);
 /* Commits staged writes, stops the timer and frees everything; returns the commit's result. */
 int btt_close(struct btt *b);
+/* btt_close in two steps, for owners whose other threads may still call in: after
+ * btt_shutdown every call fails with -ESHUTDOWN (calls already running finish first, and
+ * the commit happens); btt_free releases the memory once nobody can call any more. */
+int btt_shutdown(struct btt *b);
+void btt_free(struct btt *b);
 
 int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf);
 int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags);

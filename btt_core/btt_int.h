@@ -4,6 +4,7 @@
 #ifndef BTT_INT_H
 #define BTT_INT_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -95,7 +96,29 @@ struct btt {
 	unsigned timer_ms;
 
 	struct btt_stats stats;
+
+	/* Shutdown while other threads may still call in (a namespace disabled under a
+	 * connected client): calls count themselves in `users`; btt_shutdown sets `shut` and
+	 * waits for users to drain; the memory is freed later by btt_free, when the owner
+	 * knows nobody can call any more. */
+	_Atomic int users;
+	_Atomic bool shut;
 };
+
+static inline int btt_enter(struct btt *b)
+{
+	atomic_fetch_add(&b->users, 1);
+	if (atomic_load(&b->shut)) {
+		atomic_fetch_sub(&b->users, 1);
+		return seterr(ESHUTDOWN, "the namespace has been disabled");
+	}
+	return 0;
+}
+
+static inline void btt_leave(struct btt *b)
+{
+	atomic_fetch_sub(&b->users, 1);
+}
 
 static inline uint32_t map_resolve(uint32_t entry, uint32_t premap)
 {

@@ -195,7 +195,9 @@ class Btt:
 
     def __init__(self, ptr, io: Io, journal: Io | None, journal_path: str | None,
                  readonly: bool, durability: str):
-        self._ptr = ptr
+        self._ptr = ptr  # valid until __del__: late calls from other threads get ESHUTDOWN
+        self._closed = False
+        self._abandoned = False
         self._io = io
         self._journal = journal
         self._journal_path = journal_path  # set when this Btt opened (and owns) io and journal
@@ -385,16 +387,17 @@ class Btt:
     # ---- closing ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Commits everything; after a clean close the journal is no longer needed."""
-        if self._ptr is None:
+        """Commits everything and releases the files. Threads still holding this object get
+        ESHUTDOWN from then on; the C memory goes when the last reference does."""
+        if self._closed:
             return
-        ptr, self._ptr = self._ptr, None
+        self._closed = True
         owned = self._journal_path is not None
         try:
-            _check(lib.btt_close(ptr), "close")
+            _check(lib.btt_shutdown(self._ptr), "close")
             if owned and self._journal and not self.readonly:
                 try:
-                    os.unlink(self._journal_path)
+                    os.unlink(self._journal_path)  # committed: nothing left to replay
                 except FileNotFoundError:
                     pass
         finally:
@@ -405,7 +408,7 @@ class Btt:
 
     def abandon(self) -> None:
         """Tests: drop the handle without committing, as a killed process would."""
-        self._ptr = None
+        self._closed = self._abandoned = True
 
     def __enter__(self):
         return self
@@ -414,11 +417,15 @@ class Btt:
         self.close()
 
     def __del__(self):
-        if getattr(self, "_ptr", None) is not None:
-            try:
-                self.close()
-            except OSError:
-                pass
+        if getattr(self, "_ptr", None) is None:
+            return
+        try:
+            self.close()
+        except OSError:
+            pass
+        if not self._abandoned:  # an abandoned engine may still have a timer thread
+            lib.btt_free(self._ptr)
+        self._ptr = None
 
 
 def probe(path, offset: int = 0, size: int | None = None, version: str | None = None):
@@ -430,9 +437,18 @@ def probe(path, offset: int = 0, size: int | None = None, version: str | None = 
         b = Btt.open(path, offset=offset, size=size, readonly=True, durability="none",
                      version=version)
     except BttError as e:
-        if e.errno == _errno.ENODEV:
+        if e.errno != _errno.ENODEV:
+            raise
+        # No valid primary info block. Linux would now treat the namespace as raw; if a
+        # valid backup says a BTT lives here, exposing it raw would hand its map and log
+        # to the first writer, so refuse instead.
+        from .checker import check_namespace
+        try:
+            check_namespace(path, offset=offset, size=size, version=version)
+        except BttError:
             return None
-        raise
+        raise BttError(_errno.EUCLEAN, "the BTT's primary info block is damaged but its backup "
+                       "is valid; repair it with `bttctl check-namespace --repair`") from None
     try:
         return {"version": b.version, "uuid": b.uuid, "parent_uuid": b.parent_uuid,
                 "lbasize": b.lbasize, "sector_size": b.sector_size, "nlba": b.nlba,

@@ -7,7 +7,7 @@ assembles them. Usage errors exit 64 (argparse's 2 would collide with check-name
 import argparse
 import sys
 
-from plugin import cli_check, serve
+from plugin import cli_check, cli_namespace, serve
 
 EXIT_USAGE = 64
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
                                 parser_class=_Parser)
     serve.register(sub)
+    cli_namespace.register(sub)
     cli_check.register(sub)
     return parser
 

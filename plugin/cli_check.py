@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                    help="with --repair: regenerate every lane's log in the current (0,1) scheme "
                         "(converts pre-4.15 images; crash-safe lane by lane)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="with a served namespace: disable it for the check and enable it again")
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser(
@@ -46,8 +48,12 @@ def register(subparsers) -> None:
 
 
 def _target_args(p) -> None:
-    p.add_argument("target", metavar="REGION_FILE",
-                   help="a region file (the whole file is one namespace unless --offset/--size)")
+    p.add_argument("target", metavar="REGION_FILE|NAMESPACE",
+                   help="a region file (the whole file is one namespace unless --offset/--size), "
+                        "or a namespace of a running server (with --control)")
+    p.add_argument("--control", default=None,
+                   help="the server's control socket, when TARGET is a namespace name "
+                        "(default: var/nbd.ctl)")
     p.add_argument("--offset", type=int, default=0, help="namespace start in the file (bytes)")
     p.add_argument("--size", type=int, default=None, help="namespace size (bytes; default: to EOF)")
     p.add_argument("--btt-version", choices=["1.1", "2.0"], default=None,
@@ -85,10 +91,56 @@ def _fail(e: BttError) -> int:
     return EXIT_IO
 
 
+def _served(args):
+    """TARGET names a namespace of a running server: where it lives, and its state."""
+    from plugin.cli_namespace import DEFAULT_CONTROL, call
+    control = args.control or DEFAULT_CONTROL
+    reply = call(control, {"op": "list"})
+    for ns in reply.get("result", []):
+        if ns["dev"] == args.target:
+            return control, ns
+    names = ", ".join(n["dev"] for n in reply.get("result", [])) or "none"
+    raise FileNotFoundError(f"the server has no namespace {args.target} (it has: {names})")
+
+
+def _check_served(args) -> int:
+    from plugin.cli_namespace import call
+    try:
+        control, ns = _served(args)
+    except OSError as e:
+        print(f"bttctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    enabled = ns["state"] == "enabled"
+    if enabled and not args.force:
+        print(f"bttctl: {args.target} is enabled (EBUSY): disable it first "
+              f"(bttctl disable-namespace {args.target}) or use --force", file=sys.stderr)
+        return EXIT_USAGE
+    if enabled:
+        reply = call(control, {"op": "disable-namespace", "namespace": args.target, "force": True})
+        if not reply["ok"]:
+            print(f"bttctl: cannot disable {args.target}: {reply['error']}", file=sys.stderr)
+            return EXIT_IO
+    args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
+    try:
+        return _check_file(args)
+    finally:
+        if enabled:
+            reply = call(control, {"op": "enable-namespace", "namespace": ns["dev"]})
+            if not reply["ok"]:
+                print(f"bttctl: {ns['dev']} could not be enabled again: {reply['error']} "
+                      f"({reply['errno']})", file=sys.stderr)
+
+
 def cmd_check(args) -> int:
     if args.rewrite_log and not args.repair:
         print("bttctl: --rewrite-log needs --repair (it rewrites the log)", file=sys.stderr)
         return EXIT_USAGE
+    if args.control or (not os.path.exists(args.target) and args.target.startswith("namespace")):
+        return _check_served(args)
+    return _check_file(args)
+
+
+def _check_file(args) -> int:
     if not os.path.exists(args.target):
         print(f"bttctl: {args.target}: no such file", file=sys.stderr)
         return EXIT_USAGE
@@ -121,6 +173,13 @@ def _print_check(r) -> None:
 
 
 def cmd_read_infoblock(args) -> int:
+    if args.control or (not os.path.exists(args.target) and args.target.startswith("namespace")):
+        try:  # reading is safe while the namespace is served
+            _, ns = _served(args)
+        except OSError as e:
+            print(f"bttctl: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
     if not os.path.exists(args.target):
         print(f"bttctl: {args.target}: no such file", file=sys.stderr)
         return EXIT_USAGE

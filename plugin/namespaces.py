@@ -54,8 +54,19 @@ class RawBackend:
             os.fdatasync(self.fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        # Another thread may be about to use self.fd. Closing it would let the number be
+        # reused by some other file; pointing it at a read-only /dev/null instead makes any
+        # late read come back short (EIO) and any late write fail. Closed in __del__.
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, self.fd)
+        os.close(null)
         self.io.close()
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 class SectorBackend:
@@ -98,6 +109,8 @@ class Namespace:
         self.size = os.path.getsize(path) - offset if size is None else size
         self.backend = None
         self.detected = None  # probe() result, or None for raw
+        self.clients = 0  # open NBD connections (changed under Registry.lock)
+        self.settings = {}  # how it was last enabled
 
     def detect(self) -> str:
         """Autodetection, as on enable: 'sector' if a valid BTT starts here, else 'raw'.
@@ -109,7 +122,15 @@ class Namespace:
                            f"`bttctl check-namespace {self.path}`") from None
         return "sector" if self.detected else "raw"
 
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
     def enable(self, *, readonly: bool, durability: str, zero_flag: bool, commit_ms: int):
+        if self.backend is not None:
+            return
+        self.settings = dict(readonly=readonly, durability=durability, zero_flag=zero_flag,
+                             commit_ms=commit_ms)
         readonly = readonly or not os.access(self.path, os.W_OK)
         if self.detect() == "sector":
             self.backend = SectorBackend(self.path, self.offset, self.size, readonly, durability,
@@ -118,6 +139,7 @@ class Namespace:
             self.backend = RawBackend(self.path, self.offset, self.size, readonly)
 
     def disable(self) -> None:
+        """Connections still open keep the old backend, whose calls now fail ESHUTDOWN."""
         if self.backend:
             backend, self.backend = self.backend, None
             try:
@@ -154,6 +176,9 @@ class Registry:
             if ns.alt_name:
                 out.append((ns.alt_name, f"alias of {ns.name}: {ns.description()}"))
         return out
+
+    def get(self, name: str) -> Namespace | None:
+        return self.namespaces.get(name)
 
     def lookup(self, export: str) -> Namespace | None:
         for ns in self.namespaces.values():

@@ -32,12 +32,14 @@ control_server = None
 
 
 class Connection:
-    """Per-connection handle: the namespace and whether this client may write."""
+    """Per-connection handle. It keeps the backend it opened: if the namespace is disabled
+    (forced) or switches mode, this connection's requests fail instead of reaching
+    whatever the namespace serves next."""
 
-    __slots__ = ("ns", "readonly")
+    __slots__ = ("ns", "backend", "readonly")
 
     def __init__(self, ns, readonly):
-        self.ns, self.readonly = ns, readonly
+        self.ns, self.backend, self.readonly = ns, ns.backend, readonly
 
 
 def _fail(e: OSError):
@@ -125,15 +127,18 @@ def default_export(readonly, is_tls):
 
 def open(readonly):
     name = nbdkit.export_name()
-    ns = registry.lookup(name)
-    if ns is None:
-        known = ", ".join(n for n, _ in registry.exports()) or "none"
-        raise LookupError(f"no export named {name!r}; exports: {known}")
-    return Connection(ns, readonly or ns.backend.readonly)
+    with registry.lock:
+        ns = registry.lookup(name)
+        if ns is None:
+            known = ", ".join(n for n, _ in registry.exports()) or "none"
+            raise LookupError(f"no export named {name!r}; exports: {known}")
+        ns.clients += 1
+        return Connection(ns, readonly or ns.backend.readonly)
 
 
 def close(h):
-    pass
+    with registry.lock:
+        h.ns.clients -= 1
 
 
 def export_description(h):
@@ -141,11 +146,11 @@ def export_description(h):
 
 
 def get_size(h):
-    return h.ns.backend.size
+    return h.backend.size
 
 
 def block_size(h):
-    ss = h.ns.backend.sector_size
+    ss = h.backend.sector_size
     return (ss, ss, MAX_REQUEST)
 
 
@@ -170,12 +175,12 @@ def can_zero(h):
 
 
 def can_fast_zero(h):
-    b = h.ns.backend
+    b = h.backend
     return b.mode == "raw" or b.zero_flag
 
 
 def can_trim(h):
-    b = h.ns.backend
+    b = h.backend
     return b.mode == "raw" or b.zero_flag
 
 
@@ -188,27 +193,27 @@ def can_multi_conn(h):
 
 def pread(h, buf, offset, flags):
     try:
-        h.ns.backend.pread(buf, offset)
+        h.backend.pread(buf, offset)
     except OSError as e:
         _fail(e)
 
 
 def pwrite(h, buf, offset, flags):
     try:
-        h.ns.backend.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+        h.backend.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
         _fail(e)
 
 
 def flush(h, flags):
     try:
-        h.ns.backend.flush()
+        h.backend.flush()
     except OSError as e:
         _fail(e)
 
 
 def zero(h, count, offset, flags):
-    b = h.ns.backend
+    b = h.backend
     if flags & nbdkit.FLAG_FAST_ZERO and not can_fast_zero(h):
         nbdkit.set_error(errno.EOPNOTSUPP)
         raise OSError(errno.EOPNOTSUPP, "fast zero needs zero-flag=on")
@@ -220,6 +225,6 @@ def zero(h, count, offset, flags):
 
 def trim(h, count, offset, flags):
     try:
-        h.ns.backend.zero(count, offset, True, bool(flags & nbdkit.FLAG_FUA))
+        h.backend.zero(count, offset, True, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
         _fail(e)

@@ -170,3 +170,20 @@ def test_read_infoblock_reports_fields_and_validity(tmpfile):
     (found,) = read_infoblock(tmpfile)
     assert not found["arenas"][0]["primary"]["checksum_ok"]
     assert found["arenas"][0]["backup"]["checksum_ok"]
+
+
+def test_probe_refuses_a_btt_whose_backup_survives(tmpfile):
+    """Autodetection must not call a BTT with a wiped primary info block 'raw'."""
+    from btt_core import probe
+    make(tmpfile)
+    assert probe(tmpfile)["version"] == "1.1"
+    poke(tmpfile, 4096, bytes(4096))
+    with pytest.raises(BttError) as e:
+        probe(tmpfile)
+    assert e.value.errno == errno.EUCLEAN and "backup" in str(e.value)
+    check_namespace(tmpfile, repair=True)
+    assert probe(tmpfile)["version"] == "1.1"
+    arenas, *_ = make(tmpfile)  # both copies gone: nothing says a BTT is here, so raw
+    poke(tmpfile, 4096, bytes(4096))
+    poke(tmpfile, 4096 + arenas[0]["info2off"], bytes(4096))
+    assert probe(tmpfile) is None

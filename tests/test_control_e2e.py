@@ -1,0 +1,107 @@
+"""The control socket of a running server, driven by bttctl, watched by libnbd: exports
+disappear and come back, connected clients hold a disable off (EBUSY) unless forced, and
+check-namespace works on a served namespace."""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from btt_core import Btt
+from conftest import MiB, pattern
+from nbd_helpers import ENV, Server, connect
+
+nbd = pytest.importorskip("nbd")
+pytestmark = pytest.mark.e2e
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bttctl(*args):
+    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], capture_output=True,
+                          text=True, env=dict(ENV, PYTHONPATH=ROOT))
+
+
+def exports(server):
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_unix(server.sock)
+    names = []
+    h.opt_list(lambda name, desc: names.append(name) or 0)
+    h.opt_abort()
+    return names
+
+
+@pytest.fixture
+def served(tmp_path):
+    region = str(tmp_path / "region.img")
+    Btt.create(region, size=64 * MiB).close()
+    ctl = str(tmp_path / "ctl.sock")
+    with Server(tmp_path, [region], f"control={ctl}") as s:
+        for _ in range(100):
+            if os.path.exists(ctl):
+                break
+            import time
+            time.sleep(0.05)
+        yield s, ctl, region
+
+
+def test_list_disable_enable(served):
+    s, ctl, region = served
+    p = bttctl("list", "--control", ctl)
+    assert p.returncode == 0, p.stderr
+    (ns,) = json.loads(p.stdout)
+    assert ns["dev"] == "namespace0.0" and ns["mode"] == "sector" and ns["state"] == "enabled"
+    assert ns["sector_size"] == 4096 and ns["uuid"] and ns["holder"] == "btt0.0"
+
+    h = connect(s)
+    h.pwrite(pattern(1, 3, 4096), 3 * 4096)
+    p = bttctl("disable-namespace", "namespace0.0", "--control", ctl)
+    assert p.returncode == 1 and "EBUSY" in p.stderr  # a client is connected
+    assert exports(s) == ["namespace0.0"]
+    p = bttctl("disable-namespace", "namespace0.0", "--force", "--control", ctl)
+    assert p.returncode == 0 and json.loads(p.stdout)["state"] == "disabled"
+    with pytest.raises(nbd.Error) as e:  # the connected client's next request fails cleanly
+        h.pread(4096, 3 * 4096)
+    assert e.value.errnum in (errno.ESHUTDOWN, errno.EIO)
+    assert exports(s) == []
+    with pytest.raises(nbd.Error):
+        connect(s)
+    h.shutdown()
+
+    p = bttctl("enable-namespace", "namespace0.0", "--control", ctl)
+    assert p.returncode == 0 and json.loads(p.stdout)["state"] == "enabled"
+    assert exports(s) == ["namespace0.0"]
+    h = connect(s)
+    assert h.pread(4096, 3 * 4096) == pattern(1, 3, 4096)  # nothing lost across the disable
+    h.shutdown()
+
+
+def test_unknown_namespace_and_bad_requests(served):
+    s, ctl, region = served
+    p = bttctl("disable-namespace", "namespace9.9", "--control", ctl)
+    assert p.returncode == 1 and "ENODEV" in p.stderr and "namespace0.0" in p.stderr
+    p = bttctl("list", "--control", str(s.sock) + ".nope")
+    assert p.returncode == 64 and "bttctl serve" in p.stderr
+
+
+def test_check_namespace_of_a_running_server(served):
+    s, ctl, region = served
+    p = bttctl("check-namespace", "namespace0.0", "--control", ctl)
+    assert p.returncode == 64 and "EBUSY" in p.stderr
+    p = bttctl("check-namespace", "namespace0.0", "--control", ctl, "--force", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["status"] == 0
+    assert exports(s) == ["namespace0.0"]  # enabled again
+    bttctl("disable-namespace", "namespace0.0", "--control", ctl)
+    with open(region, "r+b") as f:  # damage it while disabled
+        f.seek(4096)
+        f.write(bytes(4096))
+    p = bttctl("enable-namespace", "namespace0.0", "--control", ctl)
+    assert p.returncode == 1 and "EUCLEAN" in p.stderr and "--repair" in p.stderr  # not raw!
+    p = bttctl("check-namespace", "namespace0.0", "--control", ctl, "--repair")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert bttctl("enable-namespace", "namespace0.0", "--control", ctl).returncode == 0
+    p = bttctl("read-infoblock", "namespace0.0", "--control", ctl, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)[0]["arenas"][0]["backup_matches"]
