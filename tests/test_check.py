@@ -45,8 +45,9 @@ def test_clean_namespace_checks_clean_for_every_sector_size(tmpfile, lbasize):
 
 @pytest.mark.parametrize("lbasize", [512, 4104])
 def test_wiped_info_block_restored_from_backup(tmpfile, lbasize):
+    from btt_core import inject
     arenas, nlba, ss = make(tmpfile, lbasize)
-    poke(tmpfile, 4096, bytes(4096))
+    inject.wipe_info(tmpfile, which="primary")
     with pytest.raises(BttError) as e:
         Btt.open(tmpfile)
     assert e.value.errno == errno.ENODEV
@@ -60,9 +61,9 @@ def test_wiped_info_block_restored_from_backup(tmpfile, lbasize):
 
 
 def test_both_info_blocks_wiped_means_no_btt(tmpfile):
-    arenas, *_ = make(tmpfile)
-    poke(tmpfile, 4096, bytes(4096))
-    poke(tmpfile, 4096 + arenas[0]["info2off"], bytes(4096))
+    from btt_core import inject
+    make(tmpfile)
+    inject.wipe_info(tmpfile, which="both")
     with pytest.raises(BttError) as e:
         check_namespace(tmpfile, repair=True)
     assert e.value.errno == errno.ENODEV and "no BTT found" in str(e.value)
@@ -109,7 +110,8 @@ def test_interrupted_write_detected_and_repaired(tmpfile):
     arenas, *_ = make(tmpfile)
     a = arenas[0]
     last = 49 * 7  # the newest entry of lane 0 (a commit per write always uses lane 0)
-    poke(tmpfile, 4096 + a["mapoff"] + last * 4, bytes(4))  # its map entry rewound
+    from btt_core import inject
+    inject.rewind_map(tmpfile, last)
     r = check_namespace(tmpfile)
     assert problems(r) == ["interrupted-write"] and r["status"] == 1
     assert check_namespace(tmpfile, repair=True)["status"] == 2
@@ -120,13 +122,10 @@ def test_interrupted_write_detected_and_repaired(tmpfile):
 
 @pytest.mark.parametrize("lbasize", [4096, 520])
 def test_old_padding_image_converted_by_rewrite_log(tmpfile, lbasize):
+    from btt_core import inject
     arenas, nlba, ss = make(tmpfile, lbasize)
-    a = arenas[0]
-    logoff = 4096 + a["logoff"]
-    for lane in range(256):  # the pre-4.15 layout: second live slot at 32..47
-        g = bytearray(peek(tmpfile, logoff + 64 * lane, 64))
-        g[32:48], g[16:32] = g[16:32], bytes(16)
-        poke(tmpfile, logoff + 64 * lane, bytes(g))
+    logoff = 4096 + arenas[0]["logoff"]
+    inject.old_padding(tmpfile)  # the pre-4.15 layout: second live slot at 32..47
     r = check_namespace(tmpfile)
     assert r["status"] == 0 and "flog-old-padding" in [f["problem"] for f in r["findings"]]
     with pytest.raises(BttError):
@@ -187,3 +186,69 @@ def test_probe_refuses_a_btt_whose_backup_survives(tmpfile):
     poke(tmpfile, 4096, bytes(4096))
     poke(tmpfile, 4096 + arenas[0]["info2off"], bytes(4096))
     assert probe(tmpfile) is None
+
+
+def test_rewrite_log_is_crash_safe():
+    """Every prefix of --repair --rewrite-log's writes, and any subset of those not yet
+    synced, leaves a BTT that opens, reads every sector right and checks clean."""
+    import random
+    from btt_core import Io, check_io
+    io = Io.memory(40 * MiB)
+    Btt.format_io(io, size=40 * MiB)
+    b = Btt.open_io(io, durability="strict")
+    written = {}
+    for i in range(40):
+        lba = (i * 37) % b.nlba
+        written[lba] = pattern(i, lba, 4096)
+        b.write(lba, written[lba])
+    a = b.arenas[0]
+    b.close()
+    logoff = 4096 + a["logoff"]
+    for lane in range(256):  # an old (0,2) image...
+        g = bytearray(io.read(logoff + 64 * lane, 64))
+        g[32:48], g[16:32] = g[16:32], bytes(16)
+        io.poke(logoff + 64 * lane, bytes(g))
+    last = (39 * 37) % (a["external_nlba"])  # ...with lane 0's newest write interrupted
+    io.poke(4096 + a["mapoff"] + 4 * last, bytes(4))
+    base = io.clone()
+    io.set_recording(True)
+    assert check_io(io, repair=True, rewrite_log=True)["status"] == 2
+    records = io.records()
+    writes = [(off, data) for _, kind, off, data in records if kind == "write"]
+    syncs = [i for i, r in enumerate(records) if r[1] == "sync"]
+    assert len(writes) > 256 and syncs
+
+    def verify(img):
+        b = Btt.open_io(img, durability="none")
+        try:
+            for lba, data in written.items():
+                assert b.read(lba, 1) == data, f"LBA {lba}"
+            assert b.check()["clean"]
+        finally:
+            b.close()
+
+    for k in range(len(writes) + 1):
+        img = base.clone()
+        for off, data in writes[:k]:
+            img.poke(off, data)
+        verify(img)
+    rng = random.Random(3)
+    first_unsynced = sum(1 for r in records[:syncs[-2] + 1] if r[1] == "write") if len(syncs) > 1 else 0
+    for _ in range(100):
+        img = base.clone()
+        for i, (off, data) in enumerate(writes):
+            if i < first_unsynced or rng.random() < 0.5:
+                img.poke(off, data)
+        verify(img)
+
+
+def test_injection_helpers(tmpfile):
+    from btt_core import inject
+    arenas, nlba, ss = make(tmpfile)
+    assert "media error" in inject.set_media_error(tmpfile, 7)
+    with Btt.open(tmpfile, readonly=True) as b:
+        with pytest.raises(BttError):
+            b.read(7, 1)
+    inject.wipe_info(tmpfile, which="both")
+    with pytest.raises(BttError):
+        check_namespace(tmpfile)
