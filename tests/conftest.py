@@ -26,6 +26,19 @@ def pattern(tag: int, lba: int, size: int) -> bytes:
 
 
 @pytest.fixture
+def tiny_fs(tmp_path):
+    """A directory on a 3 MiB tmpfs, to fill a file system up (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.fixture
 def tmpfile(tmp_path):
     return str(tmp_path / "region.img")
 

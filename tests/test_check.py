@@ -107,8 +107,7 @@ def test_media_error_reads_eio_until_rewritten_and_checks_clean(tmpfile):
 
 
 def test_interrupted_write_detected_and_repaired(tmpfile):
-    arenas, *_ = make(tmpfile)
-    a = arenas[0]
+    make(tmpfile)
     last = 49 * 7  # the newest entry of lane 0 (a commit per write always uses lane 0)
     from btt_core import inject
     inject.rewind_map(tmpfile, last)

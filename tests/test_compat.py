@@ -1,7 +1,7 @@
 """Images written by other BTT implementations: old (0,2) flog padding, PMDK flag bits (§6.3, §6.5)."""
 import struct
 
-from btt_core import Btt, Io
+from btt_core import Btt
 from conftest import MiB, mem_btt, pattern
 
 BASE = 4096  # v1.1

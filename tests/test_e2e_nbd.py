@@ -86,7 +86,7 @@ def test_export_listing_descriptions_and_unknown_export(tmp_path, sector_region,
         h = connect(s, export="")  # the default export
         assert h.get_size() == Btt.open(sector_region, readonly=True).size
         h.shutdown()
-        with pytest.raises(nbd.Error) as e:
+        with pytest.raises(nbd.Error):
             connect(s, export="nosuch")
         assert "nosuch" in s.output()
 

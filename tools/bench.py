@@ -56,6 +56,14 @@ def servers(raw: str, btt: str, sock: str, threadmodel: str) -> dict[str, list[s
     }
 
 
+def emit(results: dict, path: str | None) -> None:
+    """Prints results as JSON on stdout and, when asked, keeps them in a file."""
+    print(json.dumps(results, indent=2))
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def start(argv: list[str], sock: str) -> subprocess.Popen:
     if os.path.exists(sock):
         os.unlink(sock)
@@ -190,7 +198,7 @@ def markdown(all_results: dict, scale_res: dict | None, args) -> str:
             key = "bw_MBps" if "128k" in job else "iops"
             cells = [f"{results[s][job][key]:.0f}" for s in servers_]
             lines.append(f"| {job} | " + " | ".join(cells) + " |")
-        lines.append(f"| server RSS (MiB) | " + " | ".join(f"{results[s]['rss_mib']:.0f}"
+        lines.append("| server RSS (MiB) | " + " | ".join(f"{results[s]['rss_mib']:.0f}"
                                                          for s in servers_) + " |")
         lines += ["", "Ratios (targets from issue 7):", ""]
         checks = [

@@ -7,7 +7,6 @@ these figures is in tools/bench.py.
 Usage: tools/bench_durability.py [--dir DIR] [--seconds S] [--json OUT]
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -15,6 +14,7 @@ import tempfile
 import threading
 import time
 
+from bench import emit  # noqa: E402 (tools/ is the script's directory)
 from btt_core import Btt
 
 SIZE = 1 << 30
@@ -67,10 +67,7 @@ def main():
     for qd in (1, 16):
         results[f"group_vs_strict_iops_qd{qd}"] = round(
             results[f"group_qd{qd}"]["iops"] / max(results[f"strict_qd{qd}"]["iops"], 1), 1)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

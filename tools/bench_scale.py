@@ -8,12 +8,11 @@ Usage: tools/bench_scale.py [--dir DIR] [--json OUT]
 import argparse
 import json
 import os
-import random
-import resource
 import subprocess
 import sys
 import tempfile
-import time
+
+from bench import emit  # tools/ is the script's directory
 
 CHILD = r"""
 import json, os, random, resource, sys, time
@@ -67,10 +66,7 @@ def main():
             print(f"{name}: {results[name]}", file=sys.stderr)
     results["randread_ratio_1TiB_vs_1GiB"] = round(
         results["1TiB"]["randread_4k_iops"] / results["1GiB"]["randread_4k_iops"], 3)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ENV, PLUGIN, SIZE, start, stop  # noqa: E402
+from bench import ENV, PLUGIN, SIZE, emit, start, stop  # noqa: E402
 
 CONFIGS = [("serialize_all", None), ("serialize_requests", None), ("parallel", 2),
            ("parallel", 4), ("parallel", 16)]
@@ -54,10 +54,7 @@ def main():
                              "write_iops": round(j["write"]["iops"]),
                              "total_iops": round(j["read"]["iops"] + j["write"]["iops"])}
             print(f"{name:28} {results[name]}", file=sys.stderr)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":
