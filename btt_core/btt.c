@@ -1472,6 +1472,7 @@ int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **ou
 	b->sector_size = data_bytes(first.external_lbasize);
 	pthread_mutex_init(&b->elock, NULL);
 	pthread_cond_init(&b->econd, NULL);
+	pthread_cond_init(&b->tcond, NULL);
 
 	rc = discover(b, p, b->btt_offset, &first);
 	if (!rc) {
@@ -1510,13 +1511,14 @@ static void *timer_main(void *arg)
 
 	pthread_mutex_lock(&b->elock);
 	while (!b->timer_stop) {
-		/* econd is signalled by every write; wait out the whole interval regardless. */
+		/* Only a stop signals tcond: sleeping on econd would wake this thread on every
+		 * write (a context switch per request). */
 		struct timespec t;
 		clock_gettime(CLOCK_REALTIME, &t);
 		t.tv_nsec += (long)(b->timer_ms % 1000) * 1000000L;
 		t.tv_sec += b->timer_ms / 1000 + t.tv_nsec / 1000000000L;
 		t.tv_nsec %= 1000000000L;
-		while (!b->timer_stop && pthread_cond_timedwait(&b->econd, &b->elock, &t) != ETIMEDOUT)
+		while (!b->timer_stop && pthread_cond_timedwait(&b->tcond, &b->elock, &t) != ETIMEDOUT)
 			;
 		if (!b->timer_stop && b->nstaged)
 			commit_locked(b);
@@ -1551,7 +1553,7 @@ int btt_shutdown(struct btt *b)
 	if (b->timer_running) {
 		pthread_mutex_lock(&b->elock);
 		b->timer_stop = true;
-		pthread_cond_broadcast(&b->econd);
+		pthread_cond_broadcast(&b->tcond);
 		pthread_mutex_unlock(&b->elock);
 		pthread_join(b->timer, NULL);
 		b->timer_running = false;

@@ -91,6 +91,7 @@ struct btt {
 	int failed;             /* sticky error after a failed commit: -EIO */
 
 	pthread_t timer;
+	pthread_cond_t tcond; /* the timer's own: econd is signalled by every write */
 	bool timer_running;
 	bool timer_stop;
 	unsigned timer_ms;

@@ -185,6 +185,24 @@ def pack_info(fields: dict) -> bytes:
     return bytes(out)
 
 
+def _server_io(ptr):
+    """A server's per-request calls: one C call each and no other Python frame, because
+    every microsecond here is paid by every NBD request."""
+    c_pread, c_pwrite, from_buffer, fua_flag = lib.btt_pread, lib.btt_pwrite, ffi.from_buffer, lib.BTT_FUA
+
+    def pread(buf, offset: int) -> None:
+        rc = c_pread(ptr, from_buffer(buf, require_writable=True), len(buf), offset)
+        if rc:
+            _check(rc)
+
+    def pwrite(buf, offset: int, fua: bool = False) -> None:
+        rc = c_pwrite(ptr, from_buffer(buf), len(buf), offset, fua_flag if fua else 0)
+        if rc:
+            _check(rc)
+
+    return pread, pwrite
+
+
 def _journal_path(path, offset: int) -> str:
     path = os.fspath(path)
     return f"{path}.journal" if offset == 0 else f"{path}.journal.{offset}"
@@ -203,6 +221,9 @@ class Btt:
         self._journal_path = journal_path  # set when this Btt opened (and owns) io and journal
         self.readonly = readonly
         self.durability = durability
+        # Byte-addressed I/O for servers, pread(buf, offset) / pwrite(buf, offset, fua):
+        # C checks the alignment (EINVAL); the hot path is these two closures.
+        self.pread, self.pwrite = _server_io(ptr)
         self.sector_size = lib.btt_sector_size(ptr)
         self.lbasize = lib.btt_lbasize(ptr)
         self.nlba = lib.btt_nlba(ptr)
@@ -319,15 +340,6 @@ class Btt:
     def write(self, lba: int, data, fua: bool = False) -> None:
         n = self._whole(len(data) if not isinstance(data, memoryview) else data.nbytes)
         _check(lib.btt_write(self._ptr, lba, n, ffi.from_buffer(data), lib.BTT_FUA if fua else 0))
-
-    # Byte-addressed variants for servers: C checks the alignment (EINVAL), one call each.
-    def pread(self, buf, offset: int) -> None:
-        _check(lib.btt_pread(self._ptr, ffi.from_buffer(buf, require_writable=True), len(buf),
-                             offset))
-
-    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
-        _check(lib.btt_pwrite(self._ptr, ffi.from_buffer(buf), len(buf), offset,
-                              lib.BTT_FUA if fua else 0))
 
     def write_zeroes(self, lba: int, nsectors: int, fua: bool = False) -> None:
         _check(lib.btt_write_zeroes(self._ptr, lba, nsectors, lib.BTT_FUA if fua else 0))

@@ -36,10 +36,11 @@ class Connection:
     (forced) or switches mode, this connection's requests fail instead of reaching
     whatever the namespace serves next."""
 
-    __slots__ = ("ns", "backend", "readonly")
+    __slots__ = ("ns", "backend", "readonly", "pread", "pwrite")
 
     def __init__(self, ns, readonly):
         self.ns, self.backend, self.readonly = ns, ns.backend, readonly
+        self.pread, self.pwrite = ns.backend.pread, ns.backend.pwrite  # bound once
 
 
 def _fail(e: OSError):
@@ -193,14 +194,14 @@ def can_multi_conn(h):
 
 def pread(h, buf, offset, flags):
     try:
-        h.backend.pread(buf, offset)
+        h.pread(buf, offset)
     except OSError as e:
         _fail(e)
 
 
 def pwrite(h, buf, offset, flags):
     try:
-        h.backend.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+        h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA)
     except OSError as e:
         _fail(e)
 

@@ -122,6 +122,7 @@ def prepare(dirpath: str) -> tuple[str, str]:
         per = (1 << 20) // b.sector_size
         for lba in range(0, b.nlba - per + 1, per):
             b.write(lba, block)
+    os.sync()  # no writeback of the preparation may compete with the first measurement
     return raw, btt
 
 
