@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import uuid
 
 from ._btt_cffi import ffi, lib
 from .engine import BttError, Io, _check, unpack_info
@@ -75,15 +76,23 @@ def check_io(io: Io, *, offset=0, size=None, version=None, repair=False, rewrite
             "findings": findings}
 
 
-def read_infoblock(path, *, offset=0, size=None) -> list[dict]:
+def read_infoblock(path, *, offset=0, size=None, namespace_uuid=None) -> list[dict]:
     """Every arena's primary and backup info block, decoded, with their validity, for
-    both possible BTT positions (1.1 at +4 KiB, 2.0 at +0). Stops where the chain breaks."""
+    both possible BTT positions (1.1 at +4 KiB, 2.0 at +0). Stops where the chain breaks.
+
+    parent_uuid_ok: Linux accepts a null parent_uuid, or one equal to the namespace's uuid;
+    a label-less namespace has none, so only null is valid for it."""
     io = Io.file(path, readonly=True)
     try:
         end = io.size if size is None else offset + size
         found = []
         for version, initial in (("1.1", 4096), ("2.0", 0)):
             arenas = _walk(io, offset + initial, end, version)
+            for a in arenas:
+                for block in (a["primary"], a["backup"]):
+                    if block:
+                        block["parent_uuid_ok"] = block["parent_uuid"] in (
+                            str(uuid.UUID(int=0)), str(namespace_uuid) if namespace_uuid else None)
             if arenas:
                 found.append({"version": version, "offset": offset + initial, "arenas": arenas})
         return found
@@ -100,6 +109,13 @@ def _decode(io, where, end):
     return d
 
 
+def _same(primary: dict, backup: dict) -> bool:
+    """The two copies agree on every field (their locations aside)."""
+    skip = ("offset", "version_ok", "parent_uuid_ok")
+    return ({k: v for k, v in primary.items() if k not in skip} ==
+            {k: v for k, v in backup.items() if k not in skip})
+
+
 def _walk(io, base, end, version):
     arenas, start = [], 0
     while base + start + 4096 <= end and len(arenas) < 1 << 16:
@@ -112,9 +128,7 @@ def _walk(io, base, end, version):
         if primary["signature_ok"] and 4096 <= primary["info2off"] < end - base - start:
             backup = _decode(io, base + start + primary["info2off"], end)
         arenas.append({"arena": len(arenas), "start": start, "primary": primary, "backup": backup,
-                       "backup_matches": bool(backup) and {k: v for k, v in backup.items()
-                                                           if k != "offset"} ==
-                       {k: v for k, v in primary.items() if k not in ("offset", "version_ok")}})
+                       "backup_matches": bool(backup) and _same(primary, backup)})
         if not (primary["signature_ok"] and primary["checksum_ok"]) or not primary["nextoff"]:
             break
         start += primary["nextoff"]

@@ -198,6 +198,8 @@ def cmd_read_infoblock(args) -> int:
             for a in f["arenas"]:
                 p = a["primary"]
                 ok = "valid" if p["signature_ok"] and p["checksum_ok"] else "INVALID"
+                if not p.get("parent_uuid_ok", True):
+                    ok += f" (parent_uuid {p['parent_uuid']} does not match the namespace)"
                 print(f"  arena {a['arena']} (+{a['start']}): primary {ok}, uuid {p['uuid']}, "
                       f"lbasize {p['external_lbasize']}, nlba {p['external_nlba']}, "
                       f"backup {'matches' if a['backup_matches'] else 'DIFFERS or missing'}")

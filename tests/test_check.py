@@ -163,6 +163,7 @@ def test_read_infoblock_reports_fields_and_validity(tmpfile):
     assert found["version"] == "2.0" and found["offset"] == 0
     a = found["arenas"][0]
     assert a["primary"]["signature_ok"] and a["primary"]["checksum_ok"] and a["backup_matches"]
+    assert a["primary"]["parent_uuid_ok"] and a["backup"]["parent_uuid_ok"]
     assert a["primary"]["external_nlba"] == arenas[0]["external_nlba"]
     poke(tmpfile, 200, b"\x01")
     (found,) = read_infoblock(tmpfile)
@@ -251,3 +252,13 @@ def test_injection_helpers(tmpfile):
     inject.wipe_info(tmpfile, which="both")
     with pytest.raises(BttError):
         check_namespace(tmpfile)
+
+
+def test_read_infoblock_parent_uuid_validity(tmpfile):
+    import uuid
+    parent = uuid.uuid4()
+    Btt.create(tmpfile, size=SIZE, parent_uuid=parent).close()
+    (found,) = read_infoblock(tmpfile)  # label-less: a non-null parent is not Linux's
+    assert not found["arenas"][0]["primary"]["parent_uuid_ok"]
+    (found,) = read_infoblock(tmpfile, namespace_uuid=parent)
+    assert found["arenas"][0]["primary"]["parent_uuid_ok"]

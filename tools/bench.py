@@ -134,6 +134,7 @@ def run_matrix(where: str, dirpath: str, args) -> dict:
         if args.only and name not in args.only:
             continue
         size = os.path.getsize(raw) if "btt" not in name else None
+        os.sync()  # the previous server's dirty pages are not this one's writeback to pay
         p = start(argv, sock)
         try:
             res = {}
