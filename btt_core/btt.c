@@ -1098,8 +1098,18 @@ static int commit_locked(struct btt *b)
 
 	while (b->inflight)
 		pthread_cond_wait(&b->econd, &b->elock);
-	if (b->failed || b->nstaged == 0)
+	if (b->failed)
 		return b->failed;
+	if (b->nstaged == 0) {
+		/* Zero-flag map writes have no flog entry that recovery could redo: a FLUSH
+		 * must make them durable itself. */
+		if (b->unsynced_zero && (rc = barrier(b)) == 0)
+			b->unsynced_zero = false;
+		if (rc)
+			b->failed = -EIO;
+		return rc ? seterr(EIO, "flush failed, writes disabled until reopen: %s",
+				   btt_errmsg()) : 0;
+	}
 	if (b->readonly)
 		return seterr(EROFS, "read-only");
 	if (btt_test_mutation == BTT_MUT_MAP_BEFORE_FLOG) {
@@ -1111,8 +1121,11 @@ static int commit_locked(struct btt *b)
 		if (!rc)
 			rc = barrier(b);
 	} else {
-		if (btt_test_mutation != BTT_MUT_FLOG_BEFORE_DATA_DURABLE)
+		if (btt_test_mutation != BTT_MUT_FLOG_BEFORE_DATA_DURABLE) {
 			rc = barrier(b); /* the staged data is durable ... */
+			if (!rc)
+				b->unsynced_zero = false;
+		}
 		if (!rc)
 			rc = write_flog(b); /* ... before any flog entry names it ... */
 		if (!rc)
@@ -1242,8 +1255,10 @@ static int do_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
 		rc = zero_run(b, a, premap, n);
 		lba += n, count -= n;
 	}
-	if (!rc && (b->durability == BTT_DUR_STRICT || (flags & BTT_FUA)))
-		rc = barrier(b);
+	if (!rc)
+		b->unsynced_zero = true;
+	if (!rc && (b->durability == BTT_DUR_STRICT || (flags & BTT_FUA)) && (rc = barrier(b)) == 0)
+		b->unsynced_zero = false;
 	pthread_mutex_unlock(&b->elock);
 	if (rc && !b->failed && rc != -EROFS && rc != -EINVAL)
 		b->failed = -EIO; /* a partial map update: reopen to know what landed */

@@ -89,6 +89,7 @@ struct btt {
 	uint64_t epoch;
 	uint32_t journal_next;  /* next journal entry index in this epoch */
 	int failed;             /* sticky error after a failed commit: -EIO */
+	bool unsynced_zero;     /* zero-flag map writes not yet covered by a barrier */
 
 	pthread_t timer;
 	pthread_cond_t tcond; /* the timer's own: econd is signalled by every write */
