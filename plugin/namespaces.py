@@ -9,6 +9,7 @@ namespaces; the control socket changes it at run time.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sys
 import threading
@@ -20,26 +21,39 @@ MAX_REQUEST = 32 << 20  # the maximum block size we advertise (btt.h: BTT_MAX_RE
 
 
 class RawBackend:
-    """Bytes straight through to the file (zero copy into nbdkit's buffers)."""
+    """Bytes straight through to the file (zero copy into nbdkit's buffers).
+
+    Raw exports follow the same rule as sector exports: requests must be aligned to the
+    advertised block size (4096), so every export refuses misaligned I/O alike and a client
+    tuned on one mode behaves on the other. A file tail shorter than a block is not exported.
+    """
 
     mode = "raw"
 
     def __init__(self, path: str, offset: int, size: int, readonly: bool):
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         self.io = Io.file(path, readonly=readonly)
-        self.offset, self.size, self.readonly = offset, size, readonly
+        self.offset, self.readonly = offset, readonly
+        self.size = size - size % RAW_SECTOR
         self.sector_size = RAW_SECTOR
         self.uuid = ""
 
-    def pread(self, buf, offset: int) -> None:
-        if len(buf) > MAX_REQUEST:
+    @staticmethod
+    def _check(offset: int, count: int) -> None:
+        # nbdkit has already refused requests past the end of the export.
+        if (offset | count) & (RAW_SECTOR - 1):
+            raise OSError(errno.EINVAL, f"request [{offset}, +{count}) is not aligned to "
+                          f"{RAW_SECTOR}-byte blocks")
+        if count > MAX_REQUEST:
             raise OSError(errno.EINVAL, f"request larger than {MAX_REQUEST} bytes")
+
+    def pread(self, buf, offset: int) -> None:
+        self._check(offset, len(buf))
         if os.preadv(self.fd, [buf], self.offset + offset) != len(buf):
             raise OSError(errno.EIO, "short read from the region file")
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
-        if len(buf) > MAX_REQUEST:
-            raise OSError(errno.EINVAL, f"request larger than {MAX_REQUEST} bytes")
+        self._check(offset, len(buf))
         if os.pwrite(self.fd, buf, self.offset + offset) != len(buf):
             raise OSError(errno.EIO, "short write to the region file")
         if fua:
@@ -48,8 +62,16 @@ class RawBackend:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def zero_is_fast(self, may_trim: bool) -> bool:
+        return True  # a punched hole, plus an allocation when holes are not allowed
+
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
+        self._check(offset, count)
         self.io.zero(self.offset + offset, count)  # a punched hole reads as zeros
+        if not may_trim:
+            # The client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE): fill the hole
+            # with allocated blocks that read as zeros, so a later write cannot hit ENOSPC.
+            os.posix_fallocate(self.fd, self.offset + offset, count)
         if fua:
             os.fdatasync(self.fd)
 
@@ -89,6 +111,10 @@ class SectorBackend:
     def flush(self) -> None:
         self.btt.flush()
 
+    def zero_is_fast(self, may_trim: bool) -> bool:
+        # Setting Z flags writes no data; without zero-flag=on, zeroing writes every sector.
+        return self.zero_flag and may_trim
+
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         ss = self.sector_size
         if offset % ss or count % ss:
@@ -100,6 +126,22 @@ class SectorBackend:
 
     def close(self) -> None:
         self.btt.close()
+
+
+def lock_region(path: str) -> int:
+    """Takes the region file's exclusive lock and returns the descriptor that holds it.
+
+    Two servers over one region would each run an engine that believes it owns the BTT's
+    free blocks, and corrupt it. flock belongs to the open file, so the lock survives
+    nbdkit's daemon fork and goes away with the process, even after kill -9."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BttError(errno.EBUSY, f"{path} is served by another process (it holds the "
+                       f"file's lock)") from None
+    return fd
 
 
 class Namespace:

@@ -12,7 +12,7 @@ import os
 
 import nbdkit
 
-from plugin.namespaces import MAX_REQUEST, Namespace, Registry
+from plugin.namespaces import MAX_REQUEST, Namespace, Registry, lock_region
 
 API_VERSION = 2
 
@@ -29,6 +29,7 @@ settings = {"regions": [], "durability": "group", "zero-flag": "off",
             "threadmodel": "serialize_all", "commit-ms": "50", "control": None}
 registry = Registry()
 control_server = None
+region_locks = []  # open descriptors holding each region file's lock until the process exits
 
 
 class Connection:
@@ -43,9 +44,12 @@ class Connection:
         self.pread, self.pwrite = ns.backend.pread, ns.backend.pwrite  # bound once
 
 
-def _fail(e: OSError):
+def _error(e: OSError) -> OSError:
+    """Tells nbdkit which errno the client gets, and returns the exception to raise without
+    its traceback: nbdkit logs the traceback of every failed request, and a misbehaving
+    client can send thousands; the engine's message already says what was wrong."""
     nbdkit.set_error(e.errno or errno.EIO)
-    raise e
+    return e.with_traceback(None)
 
 
 # ---- configuration ------------------------------------------------------------------
@@ -79,9 +83,15 @@ def config(key, value):
 def config_complete():
     if not settings["regions"]:
         raise ValueError("give at least one region=FILE")
+    seen = {}
     for i, path in enumerate(settings["regions"]):
         if not os.path.isfile(path):
             raise ValueError(f"region={path}: no such file")
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:  # two engines over one BTT would corrupt it
+            raise ValueError(f"region={path} is the same file as region={seen[key]}")
+        seen[key] = path
         registry.add(Namespace(f"namespace{i}.0", path))
 
 
@@ -90,17 +100,21 @@ def thread_model():
 
 
 def get_ready():
-    # Autodetect now so that errors reach the user before nbdkit daemonizes; the engines
-    # themselves are opened in after_fork, where their commit timers survive.
+    # Lock and autodetect now so that errors reach the user before nbdkit daemonizes; the
+    # engines themselves are opened in after_fork, where their commit timers survive.
+    for path in settings["regions"]:
+        region_locks.append(lock_region(path))
     for ns in registry.namespaces.values():
         ns.detect()
 
 
 def after_fork():
     global control_server
-    readonly = False
     for ns in registry.namespaces.values():
-        ns.enable(readonly=readonly, durability=settings["durability"],
+        # `nbdkit -r` reaches the plugin only per connection (open's readonly argument), so
+        # the engines open read-write unless the file itself is read-only: recovery and
+        # journal replay run as usual, and can_write tells each client what it may do.
+        ns.enable(readonly=False, durability=settings["durability"],
                   zero_flag=settings["zero-flag"] == "on", commit_ms=int(settings["commit-ms"]))
     if settings["control"]:
         from plugin.control import ControlServer
@@ -176,8 +190,10 @@ def can_zero(h):
 
 
 def can_fast_zero(h):
-    b = h.backend
-    return b.mode == "raw" or b.zero_flag
+    # Always advertised: NBD lets a server refuse a fast zero it cannot do cheaply (the
+    # client then writes zeros itself), and nbdkit 1.32 aborts the whole server on an
+    # assertion when a client sends FAST_ZERO that was not advertised.
+    return True
 
 
 def can_trim(h):
@@ -196,36 +212,38 @@ def pread(h, buf, offset, flags):
     try:
         h.pread(buf, offset)
     except OSError as e:
-        _fail(e)
+        raise _error(e)
 
 
 def pwrite(h, buf, offset, flags):
     try:
         h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA)
     except OSError as e:
-        _fail(e)
+        raise _error(e)
 
 
 def flush(h, flags):
     try:
         h.backend.flush()
     except OSError as e:
-        _fail(e)
+        raise _error(e)
 
 
 def zero(h, count, offset, flags):
-    b = h.backend
-    if flags & nbdkit.FLAG_FAST_ZERO and not can_fast_zero(h):
+    may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
+    if flags & nbdkit.FLAG_FAST_ZERO and not h.backend.zero_is_fast(may_trim):
+        # The client gets ENOTSUP and zeroes some other way. Returning (not raising) after
+        # set_error(EOPNOTSUPP) is how nbdkit's Python plugin takes it without a traceback.
         nbdkit.set_error(errno.EOPNOTSUPP)
-        raise OSError(errno.EOPNOTSUPP, "fast zero needs zero-flag=on")
+        return
     try:
-        b.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), bool(flags & nbdkit.FLAG_FUA))
+        h.backend.zero(count, offset, may_trim, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
-        _fail(e)
+        raise _error(e)
 
 
 def trim(h, count, offset, flags):
     try:
         h.backend.zero(count, offset, True, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
-        _fail(e)
+        raise _error(e)

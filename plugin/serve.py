@@ -64,6 +64,22 @@ def _listen_args(args, var: str):
     return ["--unix", sock], sock, sock
 
 
+def _listening(path: str) -> bool:
+    """Is a server accepting on this Unix socket? (Unlinking a live socket would leave that
+    server running but unreachable.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        try:
+            s.recv(18)  # take nbdkit's greeting, so that it does not log a broken pipe
+        except OSError:
+            pass
+        return True
+
+
 def _ready(where, proc, timeout=30.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -91,6 +107,9 @@ def cmd_serve(args) -> int:
     var = os.path.dirname(regions[0])
     listen, where_text, where = _listen_args(args, var)
     if isinstance(where, str) and os.path.exists(where):
+        if _listening(where):
+            _say(f"bttctl serve: a server is already listening on {where}")
+            return 1
         os.unlink(where)  # a stale socket from an earlier run
     control = os.path.abspath(args.control or (os.path.splitext(where)[0] + ".ctl"
                                                if isinstance(where, str)

@@ -89,3 +89,23 @@ def test_serve_starts_the_control_socket(tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(20) == 0
+
+
+def test_second_serve_leaves_the_running_one_alone(tmp_path):
+    """A second `bttctl serve` in the same directory refuses to start and does not unlink
+    the first server's socket (which would leave it running but unreachable)."""
+    p, uri = start_serve(tmp_path)
+    try:
+        second = subprocess.run([*BTTCTL, "serve"], cwd=tmp_path, env=dict(ENV, PYTHONPATH=ROOT),
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1 and "already listening" in second.stderr
+        second = subprocess.run([*BTTCTL, "serve", "--socket", str(tmp_path / "other.sock")],
+                                cwd=tmp_path, env=dict(ENV, PYTHONPATH=ROOT),
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1 and "served by another process" in second.stderr
+        info = subprocess.run(["nbdinfo", "--size", uri], env=ENV, capture_output=True,
+                              text=True, check=True)
+        assert info.stdout.strip() == "1071611904"
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0

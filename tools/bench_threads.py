@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Chooses the plugin's thread model by measurement: a 4k random 70/30 read/write mix at
-QD16 against our BTT export (durability none, tmpfs) under each nbdkit thread model.
+QD16 against our BTT export (tmpfs; durability none unless told) under each nbdkit thread
+model.
 
-Usage: tools/bench_threads.py [--runtime S] [--json OUT]
+Usage: tools/bench_threads.py [--runtime S] [--durability none|group|strict] [--json OUT]
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ CONFIGS = [("serialize_all", None), ("serialize_requests", None), ("parallel", 2
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", type=float, default=5)
+    ap.add_argument("--durability", choices=["none", "group", "strict"], default="none")
     ap.add_argument("--json")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +37,7 @@ def main():
         for model, threads in CONFIGS:
             argv = ["nbdkit", "--foreground", "--unix", sock,
                     *(["--threads", str(threads)] if threads else []), "python", PLUGIN,
-                    f"region={region}", "durability=none", f"threadmodel={model}"]
+                    f"region={region}", f"durability={args.durability}", f"threadmodel={model}"]
             p = start(argv, sock)
             try:
                 out = os.path.join(d, "fio.json")
