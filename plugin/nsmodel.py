@@ -1,0 +1,970 @@
+"""The libnvdimm object model and claim state machine, in user space, without nbdkit.
+
+One `Region` per region file holds namespaces (`namespaceR.M`), BTT personalities
+(`bttR.M`), the namespace and btt seeds, and the claims between them, with the kernel's
+attribute names, text formats, transitions and errno values
+(`../shared/docs/namespace-model.md` §1–§3). `Region.get("namespace0.0/size")` and
+`Region.set("btt0.0/namespace", "namespace0.0")` are the sysfs reads and writes;
+`bind`/`unbind` are writes to the nd_pmem driver's bind/unbind files.
+
+Two collaborators keep the model free of files and servers:
+  * a *store* persists what Linux keeps in namespace labels (uuid, name, extent, lbasize,
+    claim class): `MemoryStore` for tests, `AreaStore` over a `labels.LabelArea`, or
+    `NoLabels` for a label-less region (one io namespace over the whole file);
+  * *media* finds and lays down BTT info blocks: `MemoryMedia` for tests, `FileMedia` over
+    btt_core. Enabling a namespace autodetects through it.
+
+Every refused change raises `NdError` (an OSError whose errno is the kernel's) before
+anything is changed; a change that must reach the labels is written there first, so a
+failed label write leaves the model as it was. The model is not thread-safe: the control
+server holds one lock around every call (the kernel's bus lock).
+
+Deviations from Linux, each because Linux is surprising or dangerous there, are marked
+"Deviation:" and listed in docs/namespaces.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import uuid as uuidlib
+
+from plugin.labels import LabelError, NamespaceLabel
+
+KiB, MiB = 1 << 10, 1 << 20
+PAGE = 4 * KiB
+MIN_NAMESPACE_SIZE = PAGE  # ND_MIN_NAMESPACE_SIZE since it was lowered from 4 MiB
+MIN_CLAIM_SIZE = 16 * MiB  # a BTT (any personality) needs this much
+DEFAULT_ALIGN = 16 * MiB  # region align for regions of 16 MiB and more (v5.7+)
+PMEM_SECTOR_SIZES = (512, 4096)
+BTT_SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+ALT_NAME_MAX = 63  # a 64-byte label field, NUL-terminated
+CLAIM_CLASSES = ("none", "btt", "btt2", "pfn", "dax", "unknown")
+HOLDER_CLASS_TEXT = {"none": "", "btt": "btt", "btt2": "btt", "pfn": "pfn", "dax": "dax",
+                     "unknown": "<unknown>"}
+# Where a BTT's info block is for each claim class, and which version lives there (§1.5).
+BTT_VERSION_FOR_CLASS = {"none": "1.1", "btt": "1.1", "btt2": "2.0"}
+BTT_INFO_OFFSET = {"1.1": 4096, "2.0": 0}
+
+
+class NdError(OSError):
+    """A refused operation. str() starts with the errno's name, e.g. 'EBUSY: ...'."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(err, f"{errno.errorcode.get(err, err)}: {message}")
+        self.message = message
+
+
+# ---- parsing sysfs-style input ---------------------------------------------------------------
+
+def parse_uuid(text: str) -> uuidlib.UUID:
+    """Like nd_uuid_parse: 16 hex pairs, each optionally preceded by '-' or ':'."""
+    s = text.strip()
+    out, i = bytearray(), 0
+    while len(out) < 16:
+        if i < len(s) and s[i] in "-:":
+            i += 1
+        pair = s[i:i + 2]
+        if len(pair) != 2 or any(c not in "0123456789abcdefABCDEF" for c in pair):
+            raise NdError(errno.EINVAL, f"{text!r} is not a uuid (expected 16 hex pairs, e.g. "
+                          "11111111-2222-3333-4444-555555555555)")
+        out.append(int(pair, 16))
+        i += 2
+    if i != len(s):
+        raise NdError(errno.EINVAL, f"{text!r} has trailing characters after the uuid")
+    return uuidlib.UUID(bytes=bytes(out))
+
+
+def parse_u64(text: str) -> int:
+    """Like kstrtoull(buf, 0): decimal, 0x-prefixed hex, or 0-prefixed octal."""
+    s = text.strip()
+    base, digits = 10, s
+    if s[:2].lower() == "0x":
+        base, digits = 16, s[2:]
+    elif len(s) > 1 and s[0] == "0":
+        base, digits = 8, s[1:]
+    try:
+        if not digits or not digits.isalnum() or not digits.isascii():
+            raise ValueError
+        value = int(digits, base)
+    except ValueError:
+        raise NdError(errno.EINVAL, f"{text!r} is not a number (decimal, 0x… or 0…)") from None
+    if value >= 1 << 64:
+        raise NdError(errno.ERANGE, f"{text!r} does not fit 64 bits")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    """Like kstrtobool: 1/0, y/n, on/off (first characters decide, case-insensitive)."""
+    s = text.strip().lower()
+    if s[:1] in ("1", "y") or s[:2] == "on":
+        return True
+    if s[:1] in ("0", "n") or s[:2] == "of":
+        return False
+    raise NdError(errno.EINVAL, f"{text!r} is not a boolean; valid: 1, 0, y, n, on, off")
+
+
+def size_select(selected: int | None, choices) -> str:
+    """'512 [4096]': the kernel's nd_size_select_show format."""
+    return " ".join(f"[{c}]" if c == selected else str(c) for c in choices)
+
+
+# ---- persistence: where label-backed facts live ---------------------------------------------
+
+class MemoryStore:
+    """Labels kept in a list: for tests, and to see every save the model makes."""
+
+    labelled = True
+
+    def __init__(self, size: int, version: str = "1.2", namespaces=(), reserved=()):
+        self.size, self.version = size, version
+        self.labels = [dataclasses.replace(l) for l in namespaces]
+        self.reserved = list(reserved)
+        self.saves = 0
+        self.fail_with: OSError | None = None  # tests: make the next save fail
+
+    def load(self) -> list[NamespaceLabel]:
+        return [dataclasses.replace(l) for l in self.labels]
+
+    def reserved_extents(self) -> list[tuple[int, int]]:
+        return list(self.reserved)
+
+    def save(self, labels: list[NamespaceLabel]) -> None:
+        if self.fail_with:
+            err, self.fail_with = self.fail_with, None
+            raise err
+        self.labels = [dataclasses.replace(l) for l in labels]
+        self.saves += 1
+
+
+class AreaStore:
+    """Labels in a region file's Linux/UEFI label area (plugin.labels)."""
+
+    labelled = True
+
+    def __init__(self, area):
+        self.area = area
+        self.size = area.pmem_size
+        self.version = area.version
+
+    def load(self) -> list[NamespaceLabel]:
+        return self.area.namespaces()
+
+    def reserved_extents(self) -> list[tuple[int, int]]:
+        return self.area.reserved_extents()
+
+    def save(self, labels: list[NamespaceLabel]) -> None:
+        self.area.update(labels)
+
+
+class NoLabels:
+    """A label-less region: one io namespace covering `size` bytes, nothing to persist."""
+
+    labelled = False
+    version = None
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def load(self) -> list[NamespaceLabel]:
+        return []
+
+    def reserved_extents(self) -> list[tuple[int, int]]:
+        return []
+
+    def save(self, labels) -> None:
+        raise NdError(errno.ENXIO, "a label-less region has no labels to update")
+
+
+def persisted_claim_class(claim_class: str, label_version: str | None) -> str:
+    """What a label of this version can record: v1.1 labels have no claim-class field."""
+    return claim_class if label_version == "1.2" else "none"
+
+
+# ---- media: BTT info blocks on the namespace's bytes ---------------------------------------
+
+class MemoryMedia:
+    """BTT info blocks as a dict, for tests. Keys are (namespace offset, version)."""
+
+    def __init__(self):
+        self.btts: dict[tuple[int, str], dict] = {}
+        self.damaged: set[tuple[int, str]] = set()  # a valid info block, rotten metadata
+        self.formats = 0
+
+    def probe(self, offset: int, size: int, version: str) -> dict | None:
+        if (offset, version) in self.damaged:
+            raise NdError(errno.EUCLEAN, f"BTT {version} at offset {offset} is damaged")
+        info = self.btts.get((offset, version))
+        return dict(info) if info else None
+
+    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
+               sector_size: int) -> dict:
+        self.formats += 1
+        nlba = (size - size // 64 - BTT_INFO_OFFSET[version] - 8 * KiB) // sector_size
+        info = {"version": version, "uuid": uuid, "parent_uuid": parent_uuid,
+                "sector_size": sector_size, "size": nlba * sector_size}
+        self.btts[(offset, version)] = info
+        return dict(info)
+
+    def wipe(self, offset: int, length: int) -> None:
+        """Zeroes [offset, offset+length): info blocks starting there are gone."""
+        for key in [k for k in [*self.btts, *self.damaged]
+                    if offset <= k[0] + BTT_INFO_OFFSET[k[1]] < offset + length]:
+            self.btts.pop(key, None)
+            self.damaged.discard(key)
+
+
+class FileMedia:
+    """BTT info blocks in a region file, through btt_core."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    @staticmethod
+    def _info(found: dict) -> dict:
+        return {"version": found["version"], "uuid": uuidlib.UUID(found["uuid"]),
+                "parent_uuid": uuidlib.UUID(found["parent_uuid"]),
+                "sector_size": found["sector_size"], "size": found["size"]}
+
+    def probe(self, offset: int, size: int, version: str) -> dict | None:
+        from btt_core import BttError, probe
+        try:
+            found = probe(self.path, offset=offset, size=size, version=version)
+        except BttError as e:
+            raise NdError(e.errno, f"BTT {version} at file offset {offset}: "
+                          f"{e.strerror}") from None
+        return self._info(found) if found else None
+
+    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
+               sector_size: int) -> dict:
+        from btt_core import Btt, BttError, Io
+        io = Io.file(self.path)
+        try:
+            Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
+                          version=version, uuid=uuid, parent_uuid=parent_uuid)
+            io.sync()
+        except BttError as e:
+            raise NdError(e.errno, f"laying down a BTT at file offset {offset}: "
+                          f"{e.strerror}") from None
+        finally:
+            io.close()
+        return self.probe(offset, size, version)
+
+    def wipe(self, offset: int, length: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes(length), offset)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---- the devices -------------------------------------------------------------------------
+
+class Namespace:
+    """namespaceR.M: an extent of the region, raw-bound, claimed, or idle."""
+
+    def __init__(self, name: str, dev_id: int, kind: str, *, offset: int = 0, size: int = 0,
+                 uuid: uuidlib.UUID | None = None, alt_name: str = "", sector_size: int = 512,
+                 claim_class: str = "none"):
+        self.name, self.id, self.kind = name, dev_id, kind  # kind: "io" or "pmem"
+        self.offset, self.size, self.uuid = offset, size, uuid
+        self.alt_name, self.sector_size, self.claim_class = alt_name, sector_size, claim_class
+        self.force_raw = False
+        self.claim: BttDevice | None = None  # the one personality holding this namespace
+        self.bound = False  # the raw driver is attached: the raw export exists
+
+    @property
+    def configured(self) -> bool:
+        return self.size > 0 and (self.kind == "io" or self.uuid is not None)
+
+    @property
+    def state(self) -> str:
+        """The §3.1 state name: seed, idle, raw, raw+claimed, claimed or btt-active."""
+        if self.claim is not None:
+            if self.claim.bound:
+                return "btt-active"
+            return "raw+claimed" if self.bound else "claimed"
+        if self.bound:
+            return "raw"
+        return "idle" if self.configured else "seed"
+
+    @property
+    def active_mode(self) -> str | None:
+        """What is exported: "raw", "sector", or None."""
+        if self.claim is not None and self.claim.bound:
+            return "sector"
+        return "raw" if self.bound else None
+
+    def identity(self) -> tuple:
+        return (self.uuid, self.size, self.offset, self.sector_size, self.alt_name,
+                self.claim_class)
+
+
+class BttDevice:
+    """bttR.M: a BTT personality; bound, it serves its namespace in sector mode."""
+
+    def __init__(self, name: str, dev_id: int):
+        self.name, self.id = name, dev_id
+        self.uuid: uuidlib.UUID | None = None
+        self.sector_size: int | None = None
+        self.ndns: Namespace | None = None
+        self.bound = False
+        self.info: dict | None = None  # the info block found or written at bind
+        self.claimed_identity: tuple | None = None  # the namespace's identity at claim time
+
+    @property
+    def state(self) -> str:
+        """B0 seed-like "unconfigured", B1 "configured", B2 "attached", B3 "active"."""
+        if self.bound:
+            return "active"
+        if self.ndns is not None:
+            return "attached"
+        return "configured" if self.uuid or self.sector_size else "unconfigured"
+
+
+# ---- the region --------------------------------------------------------------------------
+
+class Region:
+    """regionR and everything in it. See the module docstring."""
+
+    def __init__(self, store, media, *, region_id: int = 0, read_only: bool = False,
+                 autobind: bool = True):
+        self.store, self.media, self.id = store, media, region_id
+        self.name = f"region{region_id}"
+        self.size = store.size
+        self.labelled = store.labelled
+        self.read_only = read_only
+        self.align = DEFAULT_ALIGN if self.size >= DEFAULT_ALIGN else PAGE
+        self.enabled = False
+        self.namespaces: dict[str, Namespace] = {}
+        self.btts: dict[str, BttDevice] = {}
+        self.namespace_seed: Namespace | None = None
+        self.btt_seed: BttDevice | None = None
+        self.init_namespaces = (0, 0)
+        self.probe_errors: dict[str, NdError] = {}  # autobind failures at the last enable
+        # Deviation: a namespace's autodetected BTT gets the name it had last time when that
+        # name is free, so exports and scripts keep working across disable/enable.
+        self._personality_names: dict[str, str] = {}
+        self.enable(autobind=autobind)
+
+    # -- names and lookup
+
+    def _free_id(self, taken) -> int:
+        ids = {d.id for d in taken}
+        return next(i for i in range(len(ids) + 1) if i not in ids)  # lowest free, like an ida
+
+    def _new_namespace(self, kind: str, **fields) -> Namespace:
+        dev_id = self._free_id(self.namespaces.values())
+        ns = Namespace(f"namespace{self.id}.{dev_id}", dev_id, kind, **fields)
+        self.namespaces[ns.name] = ns
+        return ns
+
+    def _new_btt(self, name: str | None = None) -> BttDevice:
+        if name is None or name in self.btts:
+            name = f"btt{self.id}.{self._free_id(self.btts.values())}"
+        btt = BttDevice(name, int(name.rsplit(".", 1)[1]))
+        self.btts[name] = btt
+        return btt
+
+    def device(self, name: str):
+        """The region, a namespace or a btt by name; ENODEV names what exists."""
+        if name == self.name:
+            return self
+        dev = self.namespaces.get(name) or self.btts.get(name)
+        if dev is None:
+            raise NdError(errno.ENODEV, f"no device {name!r} in {self.name}; devices: "
+                          f"{', '.join(self.device_names())}")
+        return dev
+
+    def device_names(self) -> list[str]:
+        return [self.name, *self.namespaces, *self.btts]
+
+    # -- region enable / disable (rows 17, 18)
+
+    def enable(self, autobind: bool = True) -> None:
+        """Registers the namespaces the labels describe (or the io namespace) and the seeds;
+        with `autobind`, enables every configured namespace as the kernel's autoprobe does,
+        recording (not raising) each failure in probe_errors."""
+        if self.enabled:
+            return
+        self.enabled = True
+        if self.labelled:
+            for label in sorted(self.store.load(), key=lambda l: l.offset):
+                self._new_namespace("pmem", offset=label.offset, size=label.size,
+                                    uuid=label.uuid, alt_name=label.name,
+                                    sector_size=label.sector_size,
+                                    claim_class=label.claim_class)
+            self.namespace_seed = self._new_namespace("pmem")
+        else:
+            self._new_namespace("io", size=self.size)
+        self.probe_errors = {}
+        if autobind:
+            for ns in [ns for ns in self.namespaces.values() if ns.configured]:
+                try:
+                    self.bind(ns.name)
+                except NdError as e:
+                    self.probe_errors[ns.name] = e
+        # The btt seed comes last so that autodetected BTTs can take back their old names.
+        self.btt_seed = self._new_btt()
+        active = sum(1 for ns in self.namespaces.values() if ns.active_mode)
+        self.init_namespaces = (active, sum(ns.configured for ns in self.namespaces.values()))
+
+    def disable(self) -> None:
+        """Unregisters every child: bindings and claims are dropped, seeds become empty."""
+        self.namespaces.clear()
+        self.btts.clear()
+        self.namespace_seed = self.btt_seed = None
+        self.enabled = False
+
+    # -- capacity
+
+    def _extents(self, exclude: Namespace | None = None) -> list[tuple[int, int]]:
+        used = [(ns.offset, ns.size) for ns in self.namespaces.values()
+                if ns.kind == "pmem" and ns.size and ns is not exclude]
+        return sorted(used + self.store.reserved_extents())
+
+    def _free_gaps(self, exclude: Namespace | None = None) -> list[tuple[int, int]]:
+        """(aligned start, length) of every free run, in offset order."""
+        gaps, cursor = [], 0
+        for start, length in [*self._extents(exclude), (self.size, 0)]:
+            aligned = -(-cursor // self.align) * self.align
+            if start > aligned:
+                gaps.append((aligned, start - aligned))
+            cursor = max(cursor, start + length)
+        return gaps
+
+    @property
+    def available_size(self) -> int:
+        if not self.labelled:
+            return 0
+        return self.size - sum(length for _, length in self._extents())
+
+    @property
+    def max_available_extent(self) -> int:
+        if not self.labelled:
+            return 0
+        return max((length for _, length in self._free_gaps()), default=0)
+
+    def _place(self, ns: Namespace, new_size: int) -> int:
+        """The offset for `ns` at `new_size`: grow or shrink in place, else first fit."""
+        if ns.size and ns.offset + new_size <= self.size and all(
+                start >= ns.offset + new_size or start + length <= ns.offset
+                for start, length in self._extents(exclude=ns)):
+            return ns.offset
+        if ns.size:
+            raise NdError(errno.ENOSPC, f"cannot grow {ns.name} to {new_size} bytes in place "
+                          f"(pmem namespaces are contiguous); largest free extent is "
+                          f"{self.max_available_extent}")
+        for start, length in self._free_gaps(exclude=ns):
+            if length >= new_size:
+                return start
+        raise NdError(errno.ENOSPC, f"{new_size} bytes requested; {self.name} has "
+                      f"{self.available_size} available, largest free extent "
+                      f"{self.max_available_extent}")
+
+    # -- label write-through
+
+    def _labels(self, overrides: dict | None = None) -> list[NamespaceLabel]:
+        """The label list for the current namespaces, with `overrides` = {ns: {field: v}}."""
+        out = []
+        for ns in self.namespaces.values():
+            f = {**vars(ns), **(overrides or {}).get(ns, {})}
+            if ns.kind == "pmem" and f["uuid"] is not None and f["size"] > 0:
+                out.append(NamespaceLabel(
+                    uuid=f["uuid"], name=f["alt_name"], offset=f["offset"], size=f["size"],
+                    lbasize=f["sector_size"],
+                    claim_class=persisted_claim_class(f["claim_class"], self.store.version)))
+        return out
+
+    def _change(self, ns: Namespace, **fields) -> None:
+        """Applies `fields` to ns, writing the labels first when they change, so that a
+        failed label write changes nothing."""
+        before = self._labels()
+        after = self._labels({ns: fields})
+        if self.labelled and [l.key() for l in before] != [l.key() for l in after]:
+            try:
+                self.store.save(after)
+            except LabelError as e:
+                raise NdError(e.errno, f"{ns.name}: label update failed: {e.message}") from None
+            except OSError as e:
+                raise NdError(e.errno or errno.EIO, f"{ns.name}: label update failed: "
+                              f"{e.strerror or e}") from None
+        for key, value in fields.items():
+            setattr(ns, key, value)
+
+    # -- attribute access (sysfs reads and writes)
+
+    def get(self, path: str) -> str:
+        """Reads `device/attribute`, e.g. "namespace0.0/sector_size" -> "[512] 4096"."""
+        dev, attr = self._split(path)
+        getter = self._attributes(dev).get(attr, (None, None))[0]
+        if getter is None:
+            self._no_attribute(dev, attr)
+        return getter(dev)
+
+    def set(self, path: str, value: str) -> None:
+        """Writes `device/attribute`, e.g. set("namespace0.0/alt_name", "db")."""
+        dev, attr = self._split(path)
+        table = self._attributes(dev)
+        if attr not in table:
+            self._no_attribute(dev, attr)
+        setter = table[attr][1]
+        if setter is None:
+            raise NdError(errno.EACCES, f"{path} is read-only")
+        if not isinstance(value, str):
+            raise NdError(errno.EINVAL, f"{path}: the value must be text")
+        if isinstance(setter, str):  # namespace and btt tables name Region methods
+            getattr(self, setter)(dev, value)
+        else:
+            setter(dev, value)
+
+    def attributes(self, name: str) -> list[str]:
+        """The attribute names visible on a device (as `ls /sys/.../name` would list)."""
+        return list(self._attributes(self.device(name)))
+
+    def _split(self, path: str):
+        if not isinstance(path, str) or path.count("/") != 1:
+            raise NdError(errno.EINVAL, f"{path!r}: expected DEVICE/ATTRIBUTE, e.g. "
+                          "namespace0.0/size")
+        name, attr = path.split("/")
+        return self.device(name), attr
+
+    def _no_attribute(self, dev, attr: str):
+        raise NdError(errno.ENOENT, f"{dev.name} has no attribute {attr!r}; attributes: "
+                      f"{', '.join(self._attributes(dev))}")
+
+    def _attributes(self, dev) -> dict:
+        """name -> (getter, setter or None) for this device, visibility applied."""
+        if dev is self:
+            return self._region_attributes()
+        if isinstance(dev, BttDevice):
+            return BTT_ATTRIBUTES
+        if dev.kind == "io":  # label-less: fewer attributes, and size is read-only
+            attrs = {k: v for k, v in NAMESPACE_ATTRIBUTES.items() if k in IO_VISIBLE}
+            attrs["size"] = (attrs["size"][0], None)
+            return attrs
+        return NAMESPACE_ATTRIBUTES
+
+    def _region_attributes(self) -> dict:
+        attrs = {
+            "size": (lambda r: str(r.size), None),
+            "nstype": (lambda r: "5" if r.labelled else "4", None),
+            "devtype": (lambda r: "nd_pmem", None),
+            "namespace_seed": (lambda r: r.namespace_seed.name if r.namespace_seed else "",
+                               None),
+            "btt_seed": (lambda r: r.btt_seed.name if r.btt_seed else "", None),
+            "read_only": (lambda r: str(int(r.read_only)), Region._set_read_only),
+            "init_namespaces": (Region._get_init_namespaces, None),
+            "mappings": (lambda r: "1", None),
+            "mapping0": (lambda r: f"nmem{r.id},0,{r.size},0", None),
+        }
+        if self.labelled:  # the kernel shows these only when the DIMMs support labels
+            attrs.update({
+                "align": (lambda r: f"{r.align:#x}", Region._set_align),
+                "available_size": (lambda r: str(r.available_size), None),
+                "max_available_extent": (lambda r: str(r.max_available_extent), None),
+            })
+        return attrs
+
+    # -- region attribute handlers
+
+    def _set_read_only(self, value: str) -> None:
+        self.read_only = parse_bool(value)
+
+    def _set_align(self, value: str) -> None:
+        align = parse_u64(value)
+        if align < PAGE or align & (align - 1) or align > self.size:
+            raise NdError(errno.EINVAL, f"align {value.strip()}: must be a power of two between "
+                          f"{PAGE:#x} and the region size {self.size:#x}")
+        self.align = align
+
+    def _get_init_namespaces(self) -> str:
+        if not self.enabled:
+            raise NdError(errno.ENXIO, f"{self.name} is disabled")
+        return "%d/%d" % self.init_namespaces
+
+    # -- namespace attribute handlers
+
+    @staticmethod
+    def _refuse_if_busy(ns: Namespace, what: str) -> None:
+        if ns.claim is not None:
+            raise NdError(errno.EBUSY, f"{ns.name} is claimed by {ns.claim.name}; its {what} "
+                          f"is frozen until {ns.claim.name}/namespace is cleared")
+        if ns.bound:
+            raise NdError(errno.EBUSY, f"{ns.name} is enabled; disable it before changing "
+                          f"its {what}")
+
+    def _uuid_in_use(self, value: uuidlib.UUID, ns: Namespace) -> str | None:
+        for other in self.namespaces.values():
+            if other is not ns and other.uuid == value:
+                return other.name
+        for btt in self.btts.values():
+            if btt.uuid == value:
+                return btt.name
+        return None
+
+    def _set_ns_uuid(self, ns: Namespace, value: str) -> None:
+        self._refuse_if_busy(ns, "uuid")
+        new_uuid = parse_uuid(value)
+        if new_uuid == ns.uuid:
+            return
+        owner = self._uuid_in_use(new_uuid, ns)
+        if owner:
+            raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
+        self._change(ns, uuid=new_uuid)  # with a size, the old label is reaped for the new
+
+    def _set_ns_size(self, ns: Namespace, value: str) -> None:
+        self._refuse_if_busy(ns, "size")
+        new_size = parse_u64(value)
+        if ns.uuid is None:
+            raise NdError(errno.ENXIO, f"{ns.name} has no uuid; write {ns.name}/uuid first")
+        if new_size % self.align:
+            raise NdError(errno.EINVAL, f"size {new_size} is not a multiple of {self.name}'s "
+                          f"align {self.align:#x} ({self.align} bytes)")
+        if new_size == 0:
+            # Capacity freed, labels deleted, uuid cleared (size_store).
+            self._change(ns, size=0, offset=0, uuid=None)
+            if ns is not self.namespace_seed and ns.id != 0:
+                del self.namespaces[ns.name]  # N5: the device is unregistered
+            return
+        if new_size == ns.size:
+            return
+        if new_size - ns.size > self.available_size:
+            raise NdError(errno.ENOSPC, f"{new_size} bytes requested; {self.name} has "
+                          f"{self.available_size} available")
+        self._change(ns, size=new_size, offset=self._place(ns, new_size))
+
+    def _set_ns_alt_name(self, ns: Namespace, value: str) -> None:
+        self._refuse_if_busy(ns, "alt_name")
+        name = value.strip()
+        if len(name.encode()) > ALT_NAME_MAX or "\0" in name:
+            raise NdError(errno.EINVAL, f"alt_name is at most {ALT_NAME_MAX} bytes "
+                          f"(got {len(name.encode())})")
+        self._change(ns, alt_name=name)
+
+    def _set_ns_sector_size(self, ns: Namespace, value: str) -> None:
+        self._refuse_if_busy(ns, "sector_size")
+        try:
+            size = int(value.strip())
+        except ValueError:
+            size = None
+        if size not in PMEM_SECTOR_SIZES:
+            raise NdError(errno.EINVAL, f"sector_size {value.strip()!r}; valid: "
+                          f"{', '.join(map(str, PMEM_SECTOR_SIZES))}")
+        self._change(ns, sector_size=size)
+
+    def _set_ns_holder_class(self, ns: Namespace, value: str) -> None:
+        self._refuse_if_busy(ns, "holder_class")
+        text = value.strip()
+        if text == "btt":
+            # v1.1 labels mean BTT 1.1 at +4 KiB; v1.2 labels mean BTT 2.0 at 0 (§2.1).
+            claim_class = "btt" if self.store.version == "1.1" else "btt2"
+        elif text in ("", "pfn", "dax"):
+            claim_class = text or "none"
+        else:
+            raise NdError(errno.EINVAL, f"holder_class {text!r}; valid: btt, pfn, dax, or "
+                          "empty for none")
+        if ns.kind == "io":
+            # Deviation: Linux changes the in-memory class and then fails ENXIO (no label to
+            # update); we refuse without changing anything.
+            raise NdError(errno.ENXIO, f"{ns.name} is label-less; it has no label to record "
+                          "a holder class in")
+        self._change(ns, claim_class=claim_class)
+
+    def _set_ns_force_raw(self, ns: Namespace, value: str) -> None:
+        ns.force_raw = parse_bool(value)  # no busy check: consulted at the next enable
+
+    # -- btt attribute handlers
+
+    @staticmethod
+    def _refuse_if_btt_bound(btt: BttDevice, what: str) -> None:
+        if btt.bound:
+            raise NdError(errno.EBUSY, f"{btt.name} is enabled; its {what} cannot change "
+                          "while it serves")
+
+    def _set_btt_uuid(self, btt: BttDevice, value: str) -> None:
+        self._refuse_if_btt_bound(btt, "uuid")
+        btt.uuid = parse_uuid(value)
+
+    def _set_btt_sector_size(self, btt: BttDevice, value: str) -> None:
+        self._refuse_if_btt_bound(btt, "sector_size")
+        try:
+            size = int(value.strip())
+        except ValueError:
+            size = None
+        if size not in BTT_SECTOR_SIZES:
+            raise NdError(errno.EINVAL, f"sector_size {value.strip()!r}; valid: "
+                          f"{', '.join(map(str, BTT_SECTOR_SIZES))}")
+        btt.sector_size = size
+
+    def _set_btt_namespace(self, btt: BttDevice, value: str) -> None:
+        """Rows 8, 9 (claim) and 13 (detach with an empty string)."""
+        self._refuse_if_btt_bound(btt, "namespace")
+        name = value.strip()
+        if not name:
+            self._detach(btt)
+            return
+        if btt.ndns is not None:
+            if btt.ndns.name == name:
+                return
+            raise NdError(errno.EBUSY, f"{btt.name} already holds {btt.ndns.name}; write an "
+                          f"empty {btt.name}/namespace first")
+        if not name.startswith("namespace"):
+            raise NdError(errno.EINVAL, f"{name!r} is not a namespace name (namespaceR.M)")
+        ns = self.namespaces.get(name)
+        if ns is None:
+            raise NdError(errno.ENODEV, f"no {name} in {self.name}; namespaces: "
+                          f"{', '.join(self.namespaces)}")
+        if ns.size < MIN_CLAIM_SIZE:
+            raise NdError(errno.ENXIO, f"{name} is {ns.size} bytes; a BTT needs at least "
+                          f"{MIN_CLAIM_SIZE} (16 MiB)")
+        if ns.claim_class not in BTT_VERSION_FOR_CLASS:
+            raise NdError(errno.EBUSY, f"{name}'s holder_class is "
+                          f"{HOLDER_CLASS_TEXT[ns.claim_class]!r}; only btt or empty lets a "
+                          "BTT claim it")
+        if ns.claim is not None:
+            raise NdError(errno.EBUSY, f"{name} is already claimed by {ns.claim.name}")
+        btt.ndns, ns.claim = ns, btt
+        btt.claimed_identity = ns.identity()
+
+    def _detach(self, btt: BttDevice) -> None:
+        if btt.ndns is not None:
+            btt.ndns.claim = None
+            btt.ndns = btt.claimed_identity = None
+        if btt is self.btt_seed:
+            btt.uuid = btt.sector_size = None  # a seed is reset
+        else:
+            del self.btts[btt.name]  # any other personality without a namespace is deleted
+
+    # -- binding (the nd_pmem driver's bind and unbind files)
+
+    def bind(self, name: str) -> str:
+        """Enables a namespace or a btt; returns the device that ends up serving.
+
+        Enabling a namespace autodetects a BTT (unless force_raw) and, if one is found,
+        binds a new btt personality to it instead -- the kernel's namespace probe then
+        reports ENXIO on purpose; we report success and name the btt, as ndctl does."""
+        dev = self.device(name)
+        if dev is self:
+            raise NdError(errno.EINVAL, "bind takes a namespace or btt name; use "
+                          "enable()/disable() for the region")
+        if dev.bound:
+            raise NdError(errno.EBUSY, f"{name} is already enabled")
+        if isinstance(dev, BttDevice):
+            self._bind_btt(dev)
+            return dev.name
+        return self._bind_namespace(dev)
+
+    def unbind(self, name: str) -> None:
+        """Disables a namespace (rows 7, 10) or a btt (row 12). The btt keeps its claim."""
+        dev = self.device(name)
+        if dev is self or not dev.bound:
+            raise NdError(errno.ENODEV, f"{name} is not enabled")
+        dev.bound = False
+
+    def _common_probe(self, ns: Namespace) -> None:
+        """nvdimm_namespace_common_probe: what any driver needs from a namespace."""
+        if ns.size < MIN_NAMESPACE_SIZE:
+            raise NdError(errno.ENODEV, f"{ns.name} has no capacity; write its uuid and size")
+        if ns.kind == "pmem" and ns.uuid is None:
+            raise NdError(errno.ENODEV, f"{ns.name} has no uuid")
+
+    def _probe_btt(self, ns: Namespace, version: str) -> dict | None:
+        info = self.media.probe(ns.offset, ns.size, version)
+        if info is None:
+            return None
+        parent = info.get("parent_uuid")
+        if parent is not None and parent.int != 0 and parent != ns.uuid:
+            # Deviation: Linux ignores such a BTT and exposes its bytes raw, where the first
+            # write destroys it; we refuse.
+            raise NdError(errno.EUCLEAN, f"{ns.name} holds a BTT {version} whose parent_uuid "
+                          f"{parent} is not the namespace's uuid {ns.uuid}; set force_raw=1 "
+                          "to reach the raw bytes, or write the matching uuid back")
+        return info
+
+    def _bind_namespace(self, ns: Namespace) -> str:
+        """Rows 5, 6 and 15."""
+        if ns.claim is not None:
+            raise NdError(errno.ENXIO, f"{ns.name} is claimed by {ns.claim.name}; enable "
+                          f"{ns.claim.name} instead")
+        self._common_probe(ns)
+        version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
+        info = None
+        if not ns.force_raw and version:
+            # Deviation: a damaged BTT (EUCLEAN from the probe) refuses the enable instead
+            # of exposing the BTT's map and log raw.
+            info = self._probe_btt(ns, version)
+        was_seed = ns is self.namespace_seed
+        if info is None:
+            ns.bound = True
+            served = ns.name
+        else:
+            btt = self._new_btt(self._personality_names.get(ns.name))
+            btt.uuid, btt.sector_size, btt.info = info["uuid"], info["sector_size"], info
+            btt.ndns, ns.claim, btt.bound = ns, btt, True
+            btt.claimed_identity = ns.identity()
+            self._personality_names[ns.name] = btt.name
+            served = btt.name
+        if was_seed:
+            self.namespace_seed = self._new_namespace("pmem")
+        return served
+
+    def _bind_btt(self, btt: BttDevice) -> None:
+        """Row 11, with the refusals Linux lacks for foreign, mismatched or damaged BTTs."""
+        ns = btt.ndns
+        if ns is None:
+            raise NdError(errno.ENODEV, f"{btt.name} has no namespace; write "
+                          f"{btt.name}/namespace first")
+        if ns.bound:
+            raise NdError(errno.EBUSY, f"{ns.name} is enabled raw; disable it before "
+                          f"enabling {btt.name}")
+        self._common_probe(ns)
+        if btt.uuid is None or btt.sector_size is None:
+            missing = [a for a in ("uuid", "sector_size") if getattr(btt, a) is None]
+            raise NdError(errno.ENODEV, f"{btt.name} is not configured: write "
+                          f"{' and '.join(btt.name + '/' + a for a in missing)}")
+        version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
+        if version is None:
+            raise NdError(errno.ENXIO, f"{ns.name}'s holder_class "
+                          f"{HOLDER_CLASS_TEXT[ns.claim_class]!r} does not admit a BTT")
+        if ns.size < MIN_CLAIM_SIZE + BTT_INFO_OFFSET[version]:
+            raise NdError(errno.ENXIO, f"{ns.name} is {ns.size} bytes; a BTT {version} needs "
+                          f"{MIN_CLAIM_SIZE + BTT_INFO_OFFSET[version]}")
+        info = self._probe_btt(ns, version)
+        if info is None:
+            other = "2.0" if version == "1.1" else "1.1"
+            stray = self._probe_btt(ns, other)
+            if stray is not None:
+                # Deviation: a fresh layout would overwrite this BTT's metadata and data.
+                raise NdError(errno.EEXIST, f"{ns.name} holds a BTT {other}, but its "
+                              f"holder_class asks for {version}; reconfigure it "
+                              "(create-namespace -e) to start afresh")
+            if self.read_only:
+                raise NdError(errno.ENOMEM, f"{self.name} is read-only and {ns.name} has no "
+                              "BTT to reuse; a new layout would have to be written")
+            parent = ns.uuid if ns.kind == "pmem" else uuidlib.UUID(int=0)
+            info = self.media.format(ns.offset, ns.size, version=version, uuid=btt.uuid,
+                                     parent_uuid=parent, sector_size=btt.sector_size)
+        elif info["uuid"] != btt.uuid or info["sector_size"] != btt.sector_size:
+            # Deviation: the kernel silently reuses a BTT whatever btt's configuration says.
+            raise NdError(errno.EEXIST, f"{ns.name} already holds a BTT (uuid {info['uuid']}, "
+                          f"{info['sector_size']}-byte sectors) that differs from "
+                          f"{btt.name}'s configuration; write those values to {btt.name} to "
+                          "use it, or reconfigure the namespace to start afresh")
+        btt.info, btt.bound = info, True
+        self._personality_names[ns.name] = btt.name
+        if btt is self.btt_seed:
+            self.btt_seed = self._new_btt()
+        if ns is self.namespace_seed:
+            self.namespace_seed = self._new_namespace("pmem")
+
+    # -- the §3.3 invariants
+
+    def check_invariants(self) -> None:
+        """Raises AssertionError naming the first broken invariant."""
+        def require(cond, message):
+            if not cond:
+                raise AssertionError(f"{self.name}: {message}")
+
+        if not self.enabled:
+            require(not self.namespaces and not self.btts and self.namespace_seed is None
+                    and self.btt_seed is None, "a disabled region has children")
+            return
+        for name, ns in self.namespaces.items():
+            require(ns.name == name, f"{name} is registered under another name")
+            holders = [b for b in self.btts.values() if b.ndns is ns]
+            require(len(holders) == (ns.claim is not None), f"{name}: claim "
+                    f"{ns.claim and ns.claim.name} but held by {[b.name for b in holders]}")
+            require(ns.claim is None or ns.claim is holders[0], f"{name}: claim and holder "
+                    "disagree")
+            require(not (ns.bound and ns.claim and ns.claim.bound),
+                    f"{name} is raw-bound while {ns.claim and ns.claim.name} serves it")
+            require(ns.kind == ("pmem" if self.labelled else "io"), f"{name}: a {ns.kind} "
+                    "namespace in this region")
+            require(ns.claim_class in CLAIM_CLASSES, f"{name}: claim class {ns.claim_class}")
+            if ns.claim is not None:
+                require(ns.claim_class in BTT_VERSION_FOR_CLASS, f"{name}: a BTT claims a "
+                        f"{ns.claim_class} namespace")
+                require(ns.size >= MIN_CLAIM_SIZE, f"{name}: claimed below 16 MiB")
+                require(ns.identity() == ns.claim.claimed_identity,
+                        f"{name}: identity changed while claimed")
+            if ns.bound or (ns.claim and ns.claim.bound):
+                require(ns.configured, f"{name} is enabled without capacity or uuid")
+        for name, btt in self.btts.items():
+            require(btt.ndns is None or (btt.ndns.claim is btt and
+                                         self.namespaces.get(btt.ndns.name) is btt.ndns),
+                    f"{name}: namespace pointer without a matching claim")
+            if btt.bound:
+                require(btt.ndns is not None and btt.uuid and btt.sector_size and btt.info,
+                        f"{name} is enabled without a namespace, uuid or sector size")
+            require(btt.ndns is not None or btt.bound is False, f"{name} bound without ns")
+        seed = self.btt_seed
+        require(seed is not None and self.btts.get(seed.name) is seed and not seed.bound,
+                "the btt seed is missing or enabled")
+        if self.labelled:
+            seed = self.namespace_seed
+            require(seed is not None and self.namespaces.get(seed.name) is seed and
+                    not seed.bound and not (seed.claim and seed.claim.bound),
+                    "the namespace seed is missing or enabled")
+        else:
+            require(self.namespace_seed is None and len(self.namespaces) == 1,
+                    "a label-less region has exactly one io namespace and no seed")
+        uuids = [ns.uuid for ns in self.namespaces.values() if ns.uuid is not None]
+        require(len(uuids) == len(set(uuids)), "duplicate namespace uuids")
+        extents = self._extents()
+        for (a_start, a_len), (b_start, _) in zip(extents, extents[1:]):
+            require(a_start + a_len <= b_start, "namespace extents overlap")
+        require(all(0 <= s and s + n <= self.size for s, n in extents),
+                "an extent lies outside the region")
+        require(0 <= self.available_size <= self.size, "available_size out of range")
+        if self.labelled:
+            stored = sorted((l.key() for l in self.store.load()), key=str)
+            expected = sorted((l.key() for l in self._labels()), key=str)
+            require(stored == expected, "the labels do not describe the namespaces")
+
+
+# Attribute tables: name -> (getter(dev), name of the Region method that writes it, or None).
+
+def _ns_sector_size(ns: Namespace) -> str:
+    return size_select(ns.sector_size, PMEM_SECTOR_SIZES)
+
+
+def _ns_resource(ns: Namespace) -> str:
+    if ns.size == 0:
+        raise NdError(errno.ENXIO, f"{ns.name} has no capacity")
+    return f"{ns.offset:#x}"  # the file offset plays the physical address
+
+
+def _btt_size(btt: BttDevice) -> str:
+    if not btt.bound:
+        raise NdError(errno.ENXIO, f"{btt.name} is not enabled")
+    return str(btt.info["size"])
+
+
+NAMESPACE_ATTRIBUTES = {
+    "nstype": (lambda ns: "5" if ns.kind == "pmem" else "4", None),
+    "devtype": (lambda ns: f"nd_namespace_{ns.kind}", None),
+    "modalias": (lambda ns: "nd:t5" if ns.kind == "pmem" else "nd:t4", None),
+    "size": (lambda ns: str(ns.size), "_set_ns_size"),
+    "uuid": (lambda ns: str(ns.uuid) if ns.uuid else "", "_set_ns_uuid"),
+    "alt_name": (lambda ns: ns.alt_name, "_set_ns_alt_name"),
+    "sector_size": (_ns_sector_size, "_set_ns_sector_size"),
+    "dpa_extents": (lambda ns: "1" if ns.size else "0", None),
+    "resource": (_ns_resource, None),
+    "holder": (lambda ns: ns.claim.name if ns.claim else "", None),
+    "holder_class": (lambda ns: HOLDER_CLASS_TEXT[ns.claim_class], "_set_ns_holder_class"),
+    "force_raw": (lambda ns: str(int(ns.force_raw)), "_set_ns_force_raw"),
+    "mode": (lambda ns: "safe" if ns.claim else "raw", None),
+}
+IO_VISIBLE = ("nstype", "devtype", "modalias", "size", "mode", "holder", "holder_class",
+              "force_raw", "resource")
+BTT_ATTRIBUTES = {
+    "devtype": (lambda b: "nd_btt", None),
+    "namespace": (lambda b: b.ndns.name if b.ndns else "", "_set_btt_namespace"),
+    "uuid": (lambda b: str(b.uuid) if b.uuid else "", "_set_btt_uuid"),
+    "sector_size": (lambda b: size_select(b.sector_size, BTT_SECTOR_SIZES),
+                    "_set_btt_sector_size"),
+    "size": (_btt_size, None),
+    "log_zero_flags": (lambda b: "Y", None),
+}
