@@ -479,9 +479,8 @@ int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1)
 
 /* ---- map (§5) -------------------------------------------------------------------- */
 
-static uint64_t map_off(const struct btt *b, const struct arena *a, uint32_t premap)
+static uint64_t map_off(const struct arena *a, uint32_t premap)
 {
-	(void)b;
 	return a->base + a->lay.mapoff + (uint64_t)premap * 4;
 }
 
@@ -493,7 +492,7 @@ static uint64_t block_off(const struct arena *a, uint32_t block)
 int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry)
 {
 	uint8_t raw[4];
-	int rc = b->io->ops->read(b->io, raw, 4, map_off(b, a, premap));
+	int rc = b->io->ops->read(b->io, raw, 4, map_off(a, premap));
 	*entry = get32(raw);
 	return rc;
 }
@@ -504,7 +503,7 @@ static int arena_map_write(struct btt *b, struct arena *a, uint32_t premap, uint
 	int rc;
 
 	put32(raw, entry);
-	rc = b->io->ops->write(b->io, raw, 4, map_off(b, a, premap));
+	rc = b->io->ops->write(b->io, raw, 4, map_off(a, premap));
 	atomic_fetch_add(&a->mapseq, 1);
 	return rc;
 }
@@ -1215,7 +1214,7 @@ static int zero_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n)
 	/* A run of at most 1024 entries spans at most 65 of the 256 stripes: no lock twice. */
 	for (uint32_t s = premap >> 4; s <= (premap + n - 1) >> 4; s++)
 		pthread_mutex_lock(&a->stripes[s % NSTRIPES]);
-	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(b, a, premap));
+	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(a, premap));
 	for (uint32_t i = 0; !rc && i < n; i++) {
 		uint32_t block = map_resolve(get32(raw + 4 * i), premap + i);
 		if (block >= a->lay.internal_nlba)
@@ -1224,7 +1223,7 @@ static int zero_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n)
 		put32(raw + 4 * i, BTT_MAP_Z | block);
 	}
 	if (!rc)
-		rc = b->io->ops->write(b->io, raw, (size_t)n * 4, map_off(b, a, premap));
+		rc = b->io->ops->write(b->io, raw, (size_t)n * 4, map_off(a, premap));
 	atomic_fetch_add(&a->mapseq, 1);
 	for (uint32_t s = premap >> 4; s <= (premap + n - 1) >> 4; s++)
 		pthread_mutex_unlock(&a->stripes[s % NSTRIPES]);
@@ -1292,7 +1291,7 @@ static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n,
 	uint32_t slot;
 	int rc;
 
-	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(b, a, premap));
+	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(a, premap));
 	if (rc)
 		return rc;
 	slot = rtt_acquire(a);
