@@ -14,6 +14,7 @@ import os
 import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
+from plugin.cli_namespace import DEFAULT_CONTROL
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
 EXIT_USAGE, EXIT_IO = 64, 74
@@ -50,10 +51,14 @@ def register(subparsers) -> None:
 def _target_args(p) -> None:
     p.add_argument("target", metavar="REGION_FILE|NAMESPACE",
                    help="a region file (the whole file is one namespace unless --offset/--size), "
-                        "or a namespace of a running server (with --control)")
-    p.add_argument("--control", default=None,
-                   help="the server's control socket, when TARGET is a namespace name "
-                        "(default: var/nbd.ctl)")
+                        "or a namespace: of a running server (--control) or of a region file "
+                        "(--region FILE)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--control", default=None,
+                       help="the server's control socket, when TARGET is a namespace name "
+                            "(default: var/nbd.ctl)")
+    where.add_argument("--region", dest="region_file", metavar="FILE", action="append",
+                       default=None, help="TARGET is a namespace of this region file (offline)")
     p.add_argument("--offset", type=int, default=0, help="namespace start in the file (bytes)")
     p.add_argument("--size", type=int, default=None, help="namespace size (bytes; default: to EOF)")
     p.add_argument("--btt-version", choices=["1.1", "2.0"], default=None,
@@ -86,43 +91,61 @@ def _fail(e: BttError) -> int:
           file=sys.stderr)
     if e.errno == errno.ENODEV:
         return EXIT_NO_BTT
-    if e.errno in (errno.EINVAL,):
+    if e.errno in (errno.EINVAL, errno.EBUSY):
         return EXIT_USAGE
     return EXIT_IO
 
 
 def _served(args):
-    """TARGET names a namespace of a running server: where it lives, and its state."""
-    from plugin.cli_namespace import DEFAULT_CONTROL, call
-    control = args.control or DEFAULT_CONTROL
-    reply = call(control, {"op": "list"})
+    """TARGET names a namespace of a running server (or, with --region, of a region file):
+    where it lives, and its state."""
+    from plugin.cli_namespace import run
+    reply = run(args, {"op": "list", "idle": True})
     for ns in reply.get("result", []):
-        if ns["dev"] == args.target:
-            return control, ns
+        if args.target in (ns["dev"], ns.get("name")):
+            return ns
     names = ", ".join(n["dev"] for n in reply.get("result", [])) or "none"
-    raise FileNotFoundError(f"the server has no namespace {args.target} (it has: {names})")
+    where = "the region files" if args.region_file else "the server"
+    raise FileNotFoundError(errno.ENOENT, f"{where} have no namespace {args.target} (they "
+                            f"have: {names})")
+
+
+def _check_offline_namespace(args) -> int:
+    """check-namespace NS --region FILE: the file's lock is held for the whole check."""
+    from plugin.cli_namespace import offline
+    try:
+        ns = _served(args)
+        with offline(args.region_file):
+            args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
+            return _check_file(args, locked=True)
+    except OSError as e:
+        print(f"bttctl: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _check_served(args) -> int:
     from plugin.cli_namespace import call
     try:
-        control, ns = _served(args)
+        ns = _served(args)
     except OSError as e:
-        print(f"bttctl: {e}", file=sys.stderr)
+        print(f"bttctl: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
+    control = args.control or DEFAULT_CONTROL
     enabled = ns["state"] == "enabled"
     if enabled and not args.force:
         print(f"bttctl: {args.target} is enabled (EBUSY): disable it first "
               f"(bttctl disable-namespace {args.target}) or use --force", file=sys.stderr)
         return EXIT_USAGE
     if enabled:
-        reply = call(control, {"op": "disable-namespace", "namespace": args.target, "force": True})
+        reply = call(control, {"op": "disable-namespace", "namespace": ns["dev"], "force": True})
         if not reply["ok"]:
             print(f"bttctl: cannot disable {args.target}: {reply['error']}", file=sys.stderr)
             return EXIT_IO
     args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
     try:
-        return _check_file(args)
+        # The server holds the region's lock; the namespace is disabled, so nothing else
+        # touches its bytes while we check.
+        return _check_file(args, locked=True)
     finally:
         if enabled:
             reply = call(control, {"op": "enable-namespace", "namespace": ns["dev"]})
@@ -135,15 +158,41 @@ def cmd_check(args) -> int:
     if args.rewrite_log and not args.repair:
         print("bttctl: --rewrite-log needs --repair (it rewrites the log)", file=sys.stderr)
         return EXIT_USAGE
-    if args.control or (not os.path.exists(args.target) and args.target.startswith("namespace")):
+    if args.region_file:
+        return _check_offline_namespace(args)
+    if args.control or _names_a_namespace(args.target):
         return _check_served(args)
     return _check_file(args)
 
 
-def _check_file(args) -> int:
+def _names_a_namespace(target: str) -> bool:
+    """A name that is no file: namespaceR.M, or an alt_name (a file name would have a dot
+    or a slash, and a missing file is better reported as such)."""
+    if os.path.exists(target):
+        return False
+    return target.startswith("namespace") or not ("." in target or os.sep in target)
+
+
+def _check_file(args, locked: bool = False) -> int:
     if not os.path.exists(args.target):
         print(f"bttctl: {args.target}: no such file", file=sys.stderr)
         return EXIT_USAGE
+    lock = None
+    if args.repair and not locked:
+        # A repair must not race a server writing the same BTT (it holds this lock).
+        from plugin.namespaces import lock_region
+        try:
+            lock = lock_region(args.target)
+        except BttError as e:
+            return _fail(e)
+    try:
+        return _check_locked(args)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _check_locked(args) -> int:
     progress = _Progress(sys.stderr)
     try:
         report = check_namespace(args.target, offset=args.offset, size=args.size,
@@ -173,9 +222,9 @@ def _print_check(r) -> None:
 
 
 def cmd_read_infoblock(args) -> int:
-    if args.control or (not os.path.exists(args.target) and args.target.startswith("namespace")):
+    if args.region_file or args.control or _names_a_namespace(args.target):
         try:  # reading is safe while the namespace is served
-            _, ns = _served(args)
+            ns = _served(args)
         except OSError as e:
             print(f"bttctl: {e}", file=sys.stderr)
             return EXIT_USAGE

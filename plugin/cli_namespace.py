@@ -1,8 +1,16 @@
-"""`bttctl list`, `enable-namespace`, `disable-namespace`: talk to a running server's control
-socket (`--control PATH`, printed by `bttctl serve`). JSON on stdout, errors on stderr
-naming the errno; exit 0 on success, 1 on a refusal, 64 on usage errors."""
+"""`bttctl list | create-namespace | destroy-namespace | enable-namespace | disable-namespace |
+get | set | create-region`: ndctl's namespace verbs.
+
+Every verb except create-region runs against a running server (`--control PATH`, printed
+by `bttctl serve`; default var/nbd.ctl) or offline on a region file (`--region FILE`). Both
+go through the same code (plugin/verbs.py); offline, the region file's lock is held for the
+command, so it cannot race a server. JSON on stdout, messages on stderr naming the errno.
+Exit status: 0 success, 1 refused (the errno says why), 64 usage error or no server.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -10,45 +18,202 @@ import sys
 from plugin.control import request
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
+EXIT_REFUSED, EXIT_USAGE = 1, 64
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list the namespaces of a running server")
-    _control_arg(p)
-    p.set_defaults(func=lambda a: _call(a, {"op": "list"}))
-    for verb, helptext in (("enable-namespace", "enable (export) a namespace"),
-                           ("disable-namespace", "disable (unexport) a namespace")):
-        p = subparsers.add_parser(verb, help=helptext)
-        p.add_argument("namespace", help="e.g. namespace0.0")
-        _control_arg(p)
+    p = _verb(subparsers, "list", "list namespaces (or regions) as JSON",
+              "Like `ndctl list`: enabled namespaces by default.")
+    p.add_argument("-i", "--idle", action="store_true", help="include disabled namespaces")
+    p.add_argument("-R", "--regions", action="store_true",
+                   help="list regions, each with its namespaces")
+    p.set_defaults(request=lambda a: {"op": "list", "idle": a.idle, "regions": a.regions})
+
+    p = _verb(subparsers, "create-namespace", "create (or with -e, reconfigure) a namespace",
+              "Carve a namespace from a labelled region's free space and enable it. In "
+              "sector mode a BTT claims it (every sector write atomic). With -e, replace an "
+              "existing namespace: its data is NOT kept (the first 8 KiB are zeroed).")
+    p.add_argument("-m", "--mode", choices=["sector", "safe", "raw"], default=None,
+                   help="sector (default; alias safe) or raw")
+    p.add_argument("-l", "--sector-size", type=int, default=None, choices=[512, 4096],
+                   help="sector size in bytes (default 4096)")
+    p.add_argument("-s", "--size", default=None,
+                   help="bytes, or with K/M/G/T (default: the largest free extent)")
+    p.add_argument("-n", "--name", default=None, help="a friendly name (alt_name), also an "
+                   "export name")
+    p.add_argument("-u", "--uuid", default=None, help="the namespace uuid (default: random)")
+    p.add_argument("-r", "--region-id", dest="region_id", default=None, metavar="REGION",
+                   help="region0, region1, ... (default: the first with room)")
+    p.add_argument("-e", "--reconfig", metavar="NAMESPACE", default=None,
+                   help="reconfigure this namespace (destroys its data)")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="with -e: even if enabled or clients are connected")
+    p.set_defaults(request=_create_request)
+
+    p = _verb(subparsers, "destroy-namespace", "destroy a namespace (its data is lost)",
+              "Zero the namespace's info blocks and, in a labelled region, delete its label "
+              "and free its capacity. An enabled namespace needs --force.")
+    p.add_argument("namespace", help="namespaceR.M, its name, or a btt holding it")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="even if enabled or clients are connected (their requests then fail)")
+    p.set_defaults(request=lambda a: {"op": "destroy-namespace", "namespace": a.namespace,
+                                      "force": a.force})
+
+    for verb, text, desc in (
+            ("enable-namespace", "enable (export) a namespace",
+             "Autodetect a BTT (unless force_raw) and export the namespace in sector or raw "
+             "mode. Naming a configured btt binds that btt instead."),
+            ("disable-namespace", "disable (unexport) a namespace",
+             "Remove the export. Refused (EBUSY) while NBD clients are connected, unless "
+             "--force.")):
+        p = _verb(subparsers, verb, text, desc)
+        p.add_argument("namespace", help="namespaceR.M, its name, or a btt holding it")
         if verb == "disable-namespace":
-            p.add_argument("--force", action="store_true",
-                           help="disable even with clients connected (their requests then fail)")
-        p.set_defaults(func=lambda a, verb=verb: _call(
-            a, {"op": verb, "namespace": a.namespace, "force": getattr(a, "force", False)}))
+            p.add_argument("-f", "--force", action="store_true",
+                           help="even with clients connected (their requests then fail)")
+        p.set_defaults(request=lambda a, verb=verb: {
+            "op": verb, "namespace": a.namespace, "force": getattr(a, "force", False)})
+
+    p = _verb(subparsers, "get", "read an attribute, like reading sysfs",
+              "Print DEVICE/ATTRIBUTE's value, e.g. `bttctl get namespace0.0/sector_size`.")
+    p.add_argument("path", metavar="DEVICE/ATTRIBUTE")
+    p.set_defaults(request=lambda a: {"op": "get", "path": a.path})
+
+    p = _verb(subparsers, "set", "write an attribute, like writing to sysfs",
+              "Write VALUE to DEVICE/ATTRIBUTE with the kernel's rules and errno values, e.g. "
+              "`bttctl set namespace0.0/alt_name db`.")
+    p.add_argument("path", metavar="DEVICE/ATTRIBUTE")
+    p.add_argument("value")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="region read_only: even with clients connected")
+    p.set_defaults(request=lambda a: {"op": "set", "path": a.path, "value": a.value,
+                                      "force": a.force})
+
+    p = subparsers.add_parser(
+        "create-region", help="make a new labelled region file",
+        description="Create a sparse region file with a Linux/UEFI label area at its end, "
+                    "laid out like a QEMU NVDIMM backend (give QEMU size=FILE SIZE and "
+                    "label-size=LABEL_SIZE).")
+    p.add_argument("file")
+    p.add_argument("-s", "--size", required=True,
+                   help="the region (pmem) size: bytes or K/M/G/T; the label area comes on top")
+    p.add_argument("--label-size", default="128K", help="label area size (default 128K)")
+    p.add_argument("--label-version", choices=["1.1", "1.2"], default="1.2",
+                   help="1.2 (default: claim classes recorded, BTT 2.0) or 1.1 (BTT 1.1)")
+    p.set_defaults(func=cmd_create_region)
 
 
-def _control_arg(p) -> None:
-    p.add_argument("--control", default=DEFAULT_CONTROL,
-                   help=f"the server's control socket (default: {DEFAULT_CONTROL})")
+def _verb(subparsers, name: str, helptext: str, description: str):
+    p = subparsers.add_parser(name, help=helptext, description=description)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--control", default=None,
+                       help=f"a running server's control socket (default: {DEFAULT_CONTROL})")
+    where.add_argument("--region", dest="region_file", metavar="FILE", action="append",
+                       default=None, help="work offline on this region file (repeatable)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _create_request(a) -> dict:
+    req = {"op": "create-namespace", "force": a.force}
+    for key, value in (("mode", a.mode), ("sector_size", a.sector_size), ("size", a.size),
+                       ("name", a.name), ("uuid", a.uuid), ("region", a.region_id),
+                       ("reconfig", a.reconfig)):
+        if value is not None:
+            req[key] = value
+    if a.reconfig is None and a.mode is None:
+        req["mode"] = "sector"
+    return req
+
+
+@contextlib.contextmanager
+def offline(paths):
+    """A Registry over region files with nothing served, holding their locks."""
+    from plugin.namespaces import Registry, lock_region
+    locks = []
+    try:
+        registry = Registry(serving=False)
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(errno.ENOENT, f"{path}: no such region file")
+            locks.append(lock_region(path))
+            registry.add_region(os.path.abspath(path))
+        yield registry
+    finally:
+        for fd in locks:
+            os.close(fd)
 
 
 def call(control: str, req: dict) -> dict:
-    """One request; raises OSError when the server cannot be reached."""
+    """One request to a server; raises OSError when it cannot be reached."""
     if not os.path.exists(control):
-        raise FileNotFoundError(f"no control socket at {control}: is `bttctl serve` running?")
+        raise FileNotFoundError(errno.ENOENT, f"no control socket at {control}: is `bttctl "
+                                "serve` running? (or work offline with --region FILE)")
     return request(control, req)
 
 
-def _call(args, req) -> int:
+def call_offline(paths, req: dict) -> dict:
+    """The same reply a server would give, computed on region files."""
+    from plugin.verbs import handle
+    with offline(paths) as registry:
+        try:
+            return {"ok": True, "result": handle(registry, req)}
+        except OSError as e:
+            return {"ok": False, "errno": errno.errorcode.get(e.errno, str(e.errno)),
+                    "error": e.strerror or str(e)}
+
+
+def run(args, req: dict) -> dict:
+    """The reply to `req` from wherever args point (--region files or --control)."""
+    if getattr(args, "region_file", None):
+        return call_offline(args.region_file, req)
+    return call(args.control or DEFAULT_CONTROL, req)
+
+
+def _run(args) -> int:
+    req = args.request(args)
     try:
-        reply = call(args.control, req)
+        reply = run(args, req)
     except OSError as e:
-        print(f"bttctl: {e}", file=sys.stderr)
-        return 64
+        print(f"bttctl: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
     if not reply.get("ok"):
-        print(f"bttctl: {req['op']}: {reply.get('error')} ({reply.get('errno')})", file=sys.stderr)
-        return 1
-    json.dump(reply["result"], sys.stdout, indent=2)
+        message, name = reply.get("error", ""), reply.get("errno", "")
+        if not message.startswith(name):
+            message = f"{name}: {message}"
+        print(f"bttctl {req['op']}: {message}", file=sys.stderr)
+        return EXIT_REFUSED
+    result = reply["result"]
+    if isinstance(result, str):
+        print(result)
+    else:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    if getattr(args, "region_file", None) and req["op"] in ("enable-namespace",
+                                                             "disable-namespace"):
+        print("bttctl: offline, nothing is served: a server enables every configured "
+              "namespace when it starts", file=sys.stderr)
+    return 0
+
+
+def cmd_create_region(args) -> int:
+    from plugin.labels import LabelArea
+    from plugin.verbs import parse_size
+    try:
+        size, label_size = parse_size(args.size), parse_size(args.label_size)
+        LabelArea.create(args.file, size, label_size=label_size,
+                         version=args.label_version).close()
+    except OSError as e:
+        name = errno.errorcode.get(e.errno, "")
+        text = e.strerror or str(e)
+        print(f"bttctl create-region: {text if text.startswith(name) else f'{name}: {text}'}",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    result = {"file": os.path.abspath(args.file), "size": size, "label_size": label_size,
+              "file_size": size + label_size, "labels": args.label_version,
+              "qemu": f"-object memory-backend-file,id=nv0,share=on,mem-path="
+                      f"{os.path.abspath(args.file)},size={size + label_size} -device "
+                      f"nvdimm,memdev=nv0,label-size={label_size},slot=0"}
+    json.dump(result, sys.stdout, indent=2)
     print()
     return 0

@@ -166,7 +166,7 @@ class ControlServer:
             except ControlError as e:
                 return error_reply(req_id, e.errno, str(e))
             except OSError as e:
-                return error_reply(req_id, e.errno or errno.EIO, str(e))
+                return error_reply(req_id, e.errno or errno.EIO, e.strerror or str(e))
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server
                 return error_reply(req_id, errno.EIO, f"internal error: {type(e).__name__}: {e}")
 

@@ -1,10 +1,15 @@
-"""What the server exports: namespaces, their mode (raw or sector), and their I/O backends.
+"""What the server exports, kept in step with the libnvdimm model of each region file.
 
-Until labels are wired in, a region file is one label-less namespace `namespace<R>.0`
-covering the whole file (R = position of its region= parameter), autodetected at start:
-a valid BTT info block (1.1 at +4 KiB, or 2.0 at 0) means sector mode through the engine,
-anything else raw. The registry maps export names (namespace name and alt_name alias) to
-namespaces; the control socket changes it at run time.
+Each region file (`region=` on the plugin, `--region` on the CLI) becomes one
+`nsmodel.Region`: labelled files (a Linux/UEFI label area at the end, as QEMU keeps it) hold
+the namespaces their labels describe; a label-less file is one io namespace over the whole
+file. The model decides what is enabled and in which mode; `Registry.sync()` then makes the
+exports match it: an enabled namespace is exported under its name (and its alt_name) raw or
+through the BTT engine, a disabled one is not exported at all.
+
+An export keeps its connection count across backend changes. A connection holds the backend
+it opened with, so when a namespace is disabled or switches mode under it (only ever when
+forced), its requests fail (ESHUTDOWN/EIO) instead of reaching what is served next.
 """
 from __future__ import annotations
 
@@ -14,118 +19,10 @@ import os
 import sys
 import threading
 
-from btt_core import Btt, BttError, Io, probe
-
-RAW_SECTOR = 4096  # block size advertised for raw exports
-MAX_REQUEST = 32 << 20  # the maximum block size we advertise (btt.h: BTT_MAX_REQUEST)
-
-
-class RawBackend:
-    """Bytes straight through to the file (zero copy into nbdkit's buffers).
-
-    Raw exports follow the same rule as sector exports: requests must be aligned to the
-    advertised block size (4096), so every export refuses misaligned I/O alike and a client
-    tuned on one mode behaves on the other. A file tail shorter than a block is not exported.
-    """
-
-    mode = "raw"
-
-    def __init__(self, path: str, offset: int, size: int, readonly: bool):
-        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
-        self.io = Io.file(path, readonly=readonly)
-        self.offset, self.readonly = offset, readonly
-        self.size = size - size % RAW_SECTOR
-        self.sector_size = RAW_SECTOR
-        self.uuid = ""
-
-    @staticmethod
-    def _check(offset: int, count: int) -> None:
-        # nbdkit has already refused requests past the end of the export.
-        if (offset | count) & (RAW_SECTOR - 1):
-            raise OSError(errno.EINVAL, f"request [{offset}, +{count}) is not aligned to "
-                          f"{RAW_SECTOR}-byte blocks")
-        if count > MAX_REQUEST:
-            raise OSError(errno.EINVAL, f"request larger than {MAX_REQUEST} bytes")
-
-    def pread(self, buf, offset: int) -> None:
-        self._check(offset, len(buf))
-        if os.preadv(self.fd, [buf], self.offset + offset) != len(buf):
-            raise OSError(errno.EIO, "short read from the region file")
-
-    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
-        self._check(offset, len(buf))
-        if os.pwrite(self.fd, buf, self.offset + offset) != len(buf):
-            raise OSError(errno.EIO, "short write to the region file")
-        if fua:
-            os.fdatasync(self.fd)
-
-    def flush(self) -> None:
-        os.fdatasync(self.fd)
-
-    def zero_is_fast(self, may_trim: bool) -> bool:
-        return True  # a punched hole, plus an allocation when holes are not allowed
-
-    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
-        self._check(offset, count)
-        self.io.zero(self.offset + offset, count)  # a punched hole reads as zeros
-        if not may_trim:
-            # The client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE): fill the hole
-            # with allocated blocks that read as zeros, so a later write cannot hit ENOSPC.
-            os.posix_fallocate(self.fd, self.offset + offset, count)
-        if fua:
-            os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        # Another thread may be about to use self.fd. Closing it would let the number be
-        # reused by some other file; pointing it at a read-only /dev/null instead makes any
-        # late read come back short (EIO) and any late write fail. Closed in __del__.
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, self.fd)
-        os.close(null)
-        self.io.close()
-
-    def __del__(self):
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-
-class SectorBackend:
-    """Through the BTT engine: every sector write atomic."""
-
-    mode = "sector"
-
-    def __init__(self, path: str, offset: int, size: int | None, readonly: bool,
-                 durability: str, zero_flag: bool, commit_ms: int):
-        self.btt = Btt.open(path, offset=offset, size=size, readonly=readonly,
-                            durability=durability)
-        self.btt.start_timer(commit_ms)
-        self.readonly, self.zero_flag = readonly, zero_flag
-        self.sector_size = self.btt.sector_size
-        self.size = self.btt.size
-        self.uuid = self.btt.uuid
-        self.pread = self.btt.pread  # bound once: the hot path is one C call
-        self.pwrite = self.btt.pwrite
-
-    def flush(self) -> None:
-        self.btt.flush()
-
-    def zero_is_fast(self, may_trim: bool) -> bool:
-        # Setting Z flags writes no data; without zero-flag=on, zeroing writes every sector.
-        return self.zero_flag and may_trim
-
-    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
-        ss = self.sector_size
-        if offset % ss or count % ss:
-            raise BttError(errno.EINVAL, f"zero request not aligned to {ss}-byte sectors")
-        if self.zero_flag and may_trim:
-            self.btt.set_zero(offset // ss, count // ss, fua)
-        else:
-            self.btt.write_zeroes(offset // ss, count // ss, fua)
-
-    def close(self) -> None:
-        self.btt.close()
+from btt_core import BttError
+from plugin.backends import RAW_SECTOR, RawBackend, SectorBackend
+from plugin.labels import LabelArea, LabelError
+from plugin.nsmodel import AreaStore, FileMedia, NdError, NoLabels, Region
 
 
 def lock_region(path: str) -> int:
@@ -140,54 +37,40 @@ def lock_region(path: str) -> int:
     except BlockingIOError:
         os.close(fd)
         raise BttError(errno.EBUSY, f"{path} is served by another process (it holds the "
-                       f"file's lock)") from None
+                       f"file's lock); use that server's control socket (--control)") from None
     return fd
 
 
-class Namespace:
-    def __init__(self, name: str, path: str, offset: int = 0, size: int | None = None,
-                 alt_name: str = ""):
-        self.name, self.path, self.offset, self.alt_name = name, path, offset, alt_name
-        self.size = os.path.getsize(path) - offset if size is None else size
-        self.backend = None
-        self.detected = None  # probe() result, or None for raw
-        self.clients = 0  # open NBD connections (changed under Registry.lock)
-        self.settings = {}  # how it was last enabled
+def open_region(path: str, region_id: int, *, autobind: bool = True) -> Region:
+    """The model of one region file: labelled if a label area is found, else label-less."""
+    writable = os.access(path, os.W_OK)
+    try:
+        area = LabelArea.detect(path, writable=writable)
+    except LabelError as e:
+        raise NdError(e.errno, f"{path}: {e.message}") from None
+    if area is not None:
+        store = AreaStore(area)
+    else:
+        store = NoLabels(os.path.getsize(path))
+    region = Region(store, FileMedia(path), region_id=region_id, read_only=not writable,
+                    autobind=autobind)
+    region.path = path
+    return region
 
-    def detect(self) -> str:
-        """Autodetection, as on enable: 'sector' if a valid BTT starts here, else 'raw'.
-        Damage behind a valid info block is refused rather than exposed raw."""
-        try:
-            self.detected = probe(self.path, offset=self.offset, size=self.size)
-        except BttError as e:
-            raise BttError(e.errno, f"{self.name} ({self.path}): {e.strerror}; run "
-                           f"`bttctl check-namespace {self.path}`") from None
-        return "sector" if self.detected else "raw"
+
+class Export:
+    """One namespace as the server sees it: its live backend (or None) and its clients."""
+
+    def __init__(self, region: Region, ns_name: str):
+        self.region, self.name = region, ns_name
+        self.backend = None
+        self.key = None  # what the backend was opened for; a change means reopen
+        self.alias = ""  # alt_name: a second export name
+        self.clients = 0  # open NBD connections (changed under Registry.lock)
 
     @property
-    def enabled(self) -> bool:
-        return self.backend is not None
-
-    def enable(self, *, readonly: bool, durability: str, zero_flag: bool, commit_ms: int):
-        if self.backend is not None:
-            return
-        self.settings = dict(readonly=readonly, durability=durability, zero_flag=zero_flag,
-                             commit_ms=commit_ms)
-        readonly = readonly or not os.access(self.path, os.W_OK)
-        if self.detect() == "sector":
-            self.backend = SectorBackend(self.path, self.offset, self.size, readonly, durability,
-                                         zero_flag, commit_ms)
-        else:
-            self.backend = RawBackend(self.path, self.offset, self.size, readonly)
-
-    def disable(self) -> None:
-        """Connections still open keep the old backend, whose calls now fail ESHUTDOWN."""
-        if self.backend:
-            backend, self.backend = self.backend, None
-            try:
-                backend.close()
-            except OSError as e:  # e.g. after a failed fdatasync: say so once, plainly
-                print(f"{self.name}: closing {self.path}: {e}", file=sys.stderr)
+    def path(self) -> str:
+        return self.region.path
 
     def description(self) -> str:
         b = self.backend
@@ -200,36 +83,140 @@ class Namespace:
 
 
 class Registry:
-    """Export name -> namespace. Changes happen under `lock`; lookups need none."""
+    """Region models and their exports. Changes happen under `lock` (the kernel's bus lock);
+    the data path never takes it. Without `serving` (the offline CLI), sync opens nothing."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.namespaces: dict[str, Namespace] = {}
+    def __init__(self, settings: dict | None = None, serving: bool = True):
+        self.lock = threading.RLock()
+        self.settings = settings or {}
+        self.serving = serving
+        self.regions: list[Region] = []
+        self.exports: dict[str, Export] = {}  # namespace name -> Export
+        self.names: dict[str, Export] = {}  # export name -> enabled Export; replaced whole
 
-    def add(self, ns: Namespace) -> None:
-        self.namespaces[ns.name] = ns
+    # -- regions
 
-    def exports(self) -> list[tuple[str, str]]:
+    def add_region(self, path: str) -> Region:
+        # Offline nothing is served, so nothing is enabled (or claimed) either.
+        region = open_region(path, len(self.regions), autobind=self.serving)
+        self.regions.append(region)
+        return region
+
+    def region_of(self, device: str) -> Region:
+        """The region a device name (regionR, namespaceR.M, bttR.M) belongs to."""
+        for region in self.regions:
+            rid = str(region.id)
+            if device == region.name or device.split(".")[0] in (f"namespace{rid}",
+                                                                 f"btt{rid}"):
+                return region
+        raise NdError(errno.ENODEV, f"no device {device!r}; regions: "
+                      f"{', '.join(r.name for r in self.regions) or 'none'}")
+
+    def namespace(self, name: str):
+        """(region, namespace) by namespace name or alt_name; ENODEV names what exists."""
+        for field in ("name", "alt_name"):  # a namespace's own name wins over an alt_name
+            for region in self.regions:
+                for ns in region.namespaces.values():
+                    if name and name == getattr(ns, field):
+                        return region, ns
+        known = [ns.name for r in self.regions for ns in r.namespaces.values() if ns.configured]
+        raise NdError(errno.ENODEV, f"no namespace {name!r}; namespaces: "
+                      f"{', '.join(known) or 'none'}")
+
+    def export_of(self, ns_name: str) -> Export | None:
+        return self.exports.get(ns_name)
+
+    # -- keeping exports in step with the models
+
+    def _wanted(self, region: Region, ns):
+        """(key, opener) for what `ns` should serve now, or (None, None)."""
+        readonly = region.read_only or not os.access(region.path, os.W_OK)
+        mode = ns.active_mode
+        if mode == "sector":
+            info = ns.claim.info
+            key = ("sector", ns.offset, ns.size, info["version"], str(info["uuid"]), readonly)
+            s = self.settings
+            return key, lambda: SectorBackend(
+                region.path, ns.offset, ns.size, readonly, s.get("durability", "group"),
+                s.get("zero-flag", "off") == "on", int(s.get("commit-ms", 50)),
+                version=info["version"])
+        if mode == "raw":
+            sector = ns.sector_size if ns.kind == "pmem" else RAW_SECTOR
+            key = ("raw", ns.offset, ns.size, sector, readonly)
+            return key, lambda: RawBackend(region.path, ns.offset, ns.size, readonly, sector)
+        return None, None
+
+    def sync(self) -> list[tuple[str, OSError]]:
+        """Opens, reopens and closes backends until the exports match the models.
+
+        A backend that fails to open is undone in the model too (the namespace or its btt is
+        unbound again), so model and exports never disagree; the errors are returned."""
+        errors = []
+        live = set()
+        for region in self.regions:
+            for ns in list(region.namespaces.values()):
+                exp = self.exports.setdefault(ns.name, Export(region, ns.name))
+                exp.region = region
+                live.add(ns.name)
+                key, opener = self._wanted(region, ns)
+                if key != exp.key:
+                    self._close(exp)
+                    if key is not None and self.serving:
+                        try:
+                            exp.backend = opener()
+                        except OSError as e:
+                            errors.append((ns.name, e))
+                            self._undo_enable(region, ns)
+                            key = None
+                    exp.key = key
+                exp.alias = ns.alt_name if exp.key is not None else ""
+        for name in [n for n in self.exports if n not in live]:
+            self._close(self.exports[name])
+            if not self.exports[name].clients:
+                del self.exports[name]
+        names = {}
+        for exp in self.exports.values():
+            if exp.key is not None and exp.name in live:
+                names[exp.name] = exp
+                if exp.alias:
+                    names.setdefault(exp.alias, exp)
+        self.names = names  # one assignment: lookups never see a half-built table
+        return errors
+
+    @staticmethod
+    def _undo_enable(region: Region, ns) -> None:
+        if ns.claim is not None and ns.claim.bound:
+            region.unbind(ns.claim.name)
+        if ns.bound:
+            region.unbind(ns.name)
+
+    @staticmethod
+    def _close(exp: Export) -> None:
+        backend, exp.backend, exp.key = exp.backend, None, None
+        if backend is None:
+            return
+        try:
+            backend.close()
+        except OSError as e:  # e.g. after a failed fdatasync: say so once, plainly
+            print(f"{exp.name}: closing {exp.path}: {e}", file=sys.stderr)
+
+    def close_all(self) -> None:
+        with self.lock:
+            for exp in self.exports.values():
+                self._close(exp)
+            self.names = {}
+
+    # -- what connections see
+
+    def list_exports(self) -> list[tuple[str, str]]:
         out = []
-        for ns in self.namespaces.values():
-            if ns.backend is None:
-                continue
-            out.append((ns.name, ns.description()))
-            if ns.alt_name:
-                out.append((ns.alt_name, f"alias of {ns.name}: {ns.description()}"))
+        for name, exp in self.names.items():
+            desc = exp.description()
+            out.append((name, desc if name == exp.name else f"alias of {exp.name}: {desc}"))
         return out
 
-    def get(self, name: str) -> Namespace | None:
-        return self.namespaces.get(name)
-
-    def lookup(self, export: str) -> Namespace | None:
-        for ns in self.namespaces.values():
-            if ns.backend is not None and export in (ns.name, ns.alt_name):
-                return ns
-        return None
+    def lookup(self, export: str) -> Export | None:
+        return self.names.get(export)
 
     def default(self) -> str:
-        for ns in self.namespaces.values():
-            if ns.backend is not None:
-                return ns.name
-        return ""
+        return next(iter(self.names), "")

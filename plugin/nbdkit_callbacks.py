@@ -9,10 +9,12 @@ or one syscall (raw mode). Errors become the errno the client sees via nbdkit.se
 """
 import errno
 import os
+import sys
 
 import nbdkit
 
-from plugin.namespaces import MAX_REQUEST, Namespace, Registry, lock_region
+from plugin.backends import MAX_REQUEST
+from plugin.namespaces import Registry, lock_region
 
 API_VERSION = 2
 
@@ -27,7 +29,7 @@ THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "parallel": nbdkit.THREAD_MODEL_PARALLEL}
 settings = {"regions": [], "durability": "group", "zero-flag": "off",
             "threadmodel": "serialize_all", "commit-ms": "50", "control": None}
-registry = Registry()
+registry = Registry(settings)
 control_server = None
 region_locks = []  # open descriptors holding each region file's lock until the process exits
 
@@ -37,11 +39,11 @@ class Connection:
     (forced) or switches mode, this connection's requests fail instead of reaching
     whatever the namespace serves next."""
 
-    __slots__ = ("ns", "backend", "readonly", "pread", "pwrite")
+    __slots__ = ("export", "backend", "readonly", "pread", "pwrite")
 
-    def __init__(self, ns, readonly):
-        self.ns, self.backend, self.readonly = ns, ns.backend, readonly
-        self.pread, self.pwrite = ns.backend.pread, ns.backend.pwrite  # bound once
+    def __init__(self, export, readonly):
+        self.export, self.backend, self.readonly = export, export.backend, readonly
+        self.pread, self.pwrite = export.backend.pread, export.backend.pwrite  # bound once
 
 
 def _error(e: OSError) -> OSError:
@@ -84,7 +86,7 @@ def config_complete():
     if not settings["regions"]:
         raise ValueError("give at least one region=FILE")
     seen = {}
-    for i, path in enumerate(settings["regions"]):
+    for path in settings["regions"]:
         if not os.path.isfile(path):
             raise ValueError(f"region={path}: no such file")
         st = os.stat(path)
@@ -92,7 +94,6 @@ def config_complete():
         if key in seen:  # two engines over one BTT would corrupt it
             raise ValueError(f"region={path} is the same file as region={seen[key]}")
         seen[key] = path
-        registry.add(Namespace(f"namespace{i}.0", path))
 
 
 def thread_model():
@@ -100,40 +101,46 @@ def thread_model():
 
 
 def get_ready():
-    # Lock and autodetect now so that errors reach the user before nbdkit daemonizes; the
-    # engines themselves are opened in after_fork, where their commit timers survive.
+    # Lock the files and read labels and info blocks now, so that errors reach the user
+    # before nbdkit daemonizes; the engines are opened in after_fork, where their commit
+    # timers survive. A namespace that cannot be enabled (a damaged BTT, say) stays
+    # disabled and is reported; if nothing at all can be served, the server does not start.
     for path in settings["regions"]:
         region_locks.append(lock_region(path))
-    for ns in registry.namespaces.values():
-        ns.detect()
+        registry.add_region(path)
+    problems = [(name, e) for r in registry.regions for name, e in r.probe_errors.items()]
+    for name, e in problems:
+        print(f"nbdkit-btt: {name} not enabled: {e.strerror}", file=sys.stderr)
+    if problems and not any(ns.active_mode for r in registry.regions
+                            for ns in r.namespaces.values()):
+        name, e = problems[0]
+        raise OSError(e.errno, f"{name}: {e.strerror}; run `bttctl check-namespace`")
 
 
 def after_fork():
     global control_server
-    for ns in registry.namespaces.values():
-        # `nbdkit -r` reaches the plugin only per connection (open's readonly argument), so
-        # the engines open read-write unless the file itself is read-only: recovery and
-        # journal replay run as usual, and can_write tells each client what it may do.
-        ns.enable(readonly=False, durability=settings["durability"],
-                  zero_flag=settings["zero-flag"] == "on", commit_ms=int(settings["commit-ms"]))
+    # `nbdkit -r` reaches the plugin only per connection (open's readonly argument), so
+    # the engines open read-write unless the file itself is read-only: recovery and
+    # journal replay run as usual, and can_write tells each client what it may do.
+    for name, e in registry.sync():
+        print(f"nbdkit-btt: {name} not served: {e}", file=sys.stderr)
     if settings["control"]:
         from plugin.control import ControlServer
-        from plugin.control_handler import handler_for
-        control_server = ControlServer(settings["control"], handler_for(registry, settings))
+        from plugin.verbs import handle
+        control_server = ControlServer(settings["control"], lambda req: handle(registry, req))
         control_server.start()
 
 
 def cleanup():
     if control_server:
         control_server.stop()
-    for ns in registry.namespaces.values():
-        ns.disable()
+    registry.close_all()
 
 
 # ---- connections ----------------------------------------------------------------------
 
 def list_exports(readonly, is_tls):
-    return registry.exports()
+    return registry.list_exports()
 
 
 def default_export(readonly, is_tls):
@@ -143,21 +150,21 @@ def default_export(readonly, is_tls):
 def open(readonly):
     name = nbdkit.export_name()
     with registry.lock:
-        ns = registry.lookup(name)
-        if ns is None:
-            known = ", ".join(n for n, _ in registry.exports()) or "none"
+        export = registry.lookup(name)
+        if export is None:
+            known = ", ".join(n for n, _ in registry.list_exports()) or "none"
             raise LookupError(f"no export named {name!r}; exports: {known}")
-        ns.clients += 1
-        return Connection(ns, readonly or ns.backend.readonly)
+        export.clients += 1
+        return Connection(export, readonly or export.backend.readonly)
 
 
 def close(h):
     with registry.lock:
-        h.ns.clients -= 1
+        h.export.clients -= 1
 
 
 def export_description(h):
-    return h.ns.description()
+    return h.export.description()
 
 
 def get_size(h):

@@ -206,6 +206,10 @@ class MemoryMedia:
         self.btts[(offset, version)] = info
         return dict(info)
 
+    def erase_btt(self, offset: int, size: int) -> None:
+        """Every BTT info block of the namespace [offset, offset+size) is gone."""
+        self.wipe(offset, size)
+
     def wipe(self, offset: int, length: int) -> None:
         """Zeroes [offset, offset+length): info blocks starting there are gone."""
         for key in [k for k in [*self.btts, *self.damaged]
@@ -249,6 +253,33 @@ class FileMedia:
         finally:
             io.close()
         return self.probe(offset, size, version)
+
+    def erase_btt(self, offset: int, size: int) -> None:
+        """Zeroes every BTT info block of the namespace [offset, offset+size): the first
+        8 KiB (1.1 at +4 KiB, 2.0 at 0, as ndctl zeroes), the last 4 KiB (a one-arena BTT's
+        backup), and every primary and backup an arena walk finds. Zeroing primaries alone
+        would leave valid backups, which a probe rightly reports as a damaged BTT."""
+        from btt_core import BttError, read_infoblock
+        blocks = {offset, offset + 4096, offset + size - 4096}
+        try:
+            for found in read_infoblock(self.path, offset=offset, size=size):
+                for arena in found["arenas"]:
+                    blocks.update(b["offset"] for b in (arena["primary"], arena["backup"])
+                                  if b and b["signature_ok"])
+        except BttError:
+            pass  # nothing readable to find: the fixed places are zeroed regardless
+        blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
+        primaries = {offset, offset + 4096}
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            # Backups first: a crash in between leaves a valid primary (a BTT that still
+            # opens), never a lone backup that makes the namespace refuse to enable.
+            for phase in (blocks - primaries, primaries):
+                for where in sorted(phase):
+                    os.pwrite(fd, bytes(4096), where)
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def wipe(self, offset: int, length: int) -> None:
         fd = os.open(self.path, os.O_WRONLY)
@@ -462,6 +493,18 @@ class Region:
         raise NdError(errno.ENOSPC, f"{new_size} bytes requested; {self.name} has "
                       f"{self.available_size} available, largest free extent "
                       f"{self.max_available_extent}")
+
+    def check_size(self, name: str, new_size: int) -> None:
+        """Raises what writing `new_size` to name/size would (EINVAL, ENOSPC) without
+        changing anything, so that a verb can refuse before it destroys data."""
+        ns = self.device(name)
+        if not isinstance(ns, Namespace) or ns.kind != "pmem":
+            raise NdError(errno.ENXIO, f"{name} is not a labelled namespace; its size is fixed")
+        if new_size <= 0 or new_size % self.align:
+            raise NdError(errno.EINVAL, f"size {new_size} is not a positive multiple of "
+                          f"{self.name}'s align {self.align:#x} ({self.align} bytes)")
+        if new_size != ns.size:
+            self._place(ns, new_size)
 
     # -- label write-through
 
@@ -795,6 +838,10 @@ class Region:
             # Deviation: a damaged BTT (EUCLEAN from the probe) refuses the enable instead
             # of exposing the BTT's map and log raw.
             info = self._probe_btt(ns, version)
+            if info is None and ns.claim_class == "none":
+                # Deviation: Linux looks only for a 1.1 here and would expose a BTT 2.0 at
+                # offset 0 raw, where the first write destroys it; we serve it.
+                info = self._probe_btt(ns, "2.0")
         was_seed = ns is self.namespace_seed
         if info is None:
             ns.bound = True

@@ -1,0 +1,397 @@
+"""The control API: sysfs-like `get`/`set` and ndctl-style verbs over a Registry's regions.
+
+The control socket calls `handle(registry, request)`; the offline CLI (`--region FILE`) calls
+it the same way on a registry that serves nothing. Refusals raise `NdError` with the
+kernel's errno, before anything has changed. Requests are JSON objects; "op" selects:
+
+  {"op": "list", "idle": false, "regions": false}
+  {"op": "get", "path": "namespace0.0/size"}
+  {"op": "set", "path": "namespace0.0/alt_name", "value": "db", "force": false}
+  {"op": "enable-namespace", "namespace": "namespace0.0"}
+  {"op": "disable-namespace", "namespace": "namespace0.0", "force": false}
+  {"op": "create-namespace", "mode": "sector", "sector_size": 4096, "size": "256M",
+   "name": "db", "uuid": null, "region": "region0"}
+  {"op": "create-namespace", "reconfig": "namespace0.1", "force": true, "mode": "raw"}
+  {"op": "destroy-namespace", "namespace": "namespace0.1", "force": false}
+
+A namespace may be named by its name or its alt_name. Changes that would take an export
+away from connected NBD clients are refused with EBUSY unless "force" is true; forced, the
+clients' next requests fail.
+"""
+from __future__ import annotations
+
+import errno
+import uuid as uuidlib
+
+from plugin.nsmodel import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
+                            parse_uuid)
+
+WIRE_SECTOR_SIZES = (512, 4096)  # NBD has no integrity channel for 520/528/41xx sectors
+MODES = {"sector": "sector", "safe": "sector", "raw": "raw"}
+SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+# ---- request fields ---------------------------------------------------------------------------
+
+def _field(req: dict, key: str, kind, default=None):
+    value = req.get(key, default)
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+    raise NdError(errno.EINVAL, f"{key!r} must be {names}, not {type(value).__name__}")
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or text like 4096, 256M, 1G, 0x1000 (binary suffixes, as ndctl)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    suffix = text[-1:] if text[-1:] in SIZE_SUFFIXES else ""
+    number = text[:-1] if suffix else text
+    try:
+        n = int(number, 0)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise NdError(errno.EINVAL, f"size {value!r}: expected bytes, optionally with K, M, G "
+                      "or T (e.g. 256M)")
+    return n * SIZE_SUFFIXES[suffix]
+
+
+def _mode(value) -> str:
+    if value not in MODES:
+        raise NdError(errno.EINVAL, f"mode {value!r}; valid: sector (alias safe), raw")
+    return MODES[value]
+
+
+def _sector_size(value) -> int:
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = None
+    if size not in WIRE_SECTOR_SIZES:
+        raise NdError(errno.EINVAL, f"sector size {value!r}; valid: "
+                      f"{', '.join(map(str, WIRE_SECTOR_SIZES))} (NBD cannot carry the "
+                      "integrity bytes of 520/528/41xx sectors)")
+    return size
+
+
+# ---- describing things (ndctl list's field names) ----------------------------------------------
+
+def configured_mode(region, ns) -> str:
+    """The mode a namespace has even while disabled, so a disabled sector namespace does
+    not read "raw" (ndctl's quirk): a claim or a BTT claim class says sector, else a probe."""
+    if ns.active_mode:
+        return ns.active_mode
+    if ns.claim is not None or ns.claim_class in ("btt", "btt2"):
+        return "sector"
+    version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
+    if version and not ns.force_raw and ns.size:
+        try:
+            return "sector" if region.media.probe(ns.offset, ns.size, version) else "raw"
+        except OSError:
+            return "sector"  # a damaged BTT is still a BTT
+    return "raw"
+
+
+def describe_namespace(registry, region, ns) -> dict:
+    mode = configured_mode(region, ns)
+    out = {"dev": ns.name, "mode": mode, "state": "enabled" if ns.active_mode else "disabled"}
+    btt = ns.claim
+    if btt is not None and btt.bound:
+        out.update(size=btt.info["size"], uuid=str(btt.info["uuid"]),
+                   sector_size=btt.info["sector_size"])
+    else:
+        sector = ns.sector_size if ns.kind == "pmem" else 4096
+        out.update(size=ns.size - ns.size % sector, sector_size=sector)
+        if ns.uuid:
+            out["uuid"] = str(ns.uuid)
+    if ns.uuid:
+        out["raw_uuid"] = str(ns.uuid)
+    if ns.alt_name:
+        out["name"] = ns.alt_name
+    if btt is not None:
+        out["holder"] = btt.name
+    if ns.force_raw:
+        out["force_raw"] = True
+    exp = registry.export_of(ns.name)
+    if ns.active_mode:
+        out["export"] = ns.name
+    out.update(region=region.name, path=region.path, offset=ns.offset, raw_size=ns.size,
+               clients=exp.clients if exp else 0)
+    return out
+
+
+def describe_region(registry, region, idle: bool) -> dict:
+    return {"dev": region.name, "size": region.size, "align": region.align,
+            "available_size": region.available_size,
+            "max_available_extent": region.max_available_extent, "type": "pmem",
+            "labels": region.store.version or "none", "read_only": region.read_only,
+            "path": region.path, "namespaces": _namespaces(registry, region, idle)}
+
+
+def _namespaces(registry, region, idle: bool) -> list[dict]:
+    return [describe_namespace(registry, region, ns) for ns in region.namespaces.values()
+            if ns.configured and (idle or ns.active_mode)]
+
+
+# ---- helpers shared by the verbs --------------------------------------------------------------
+
+def _target(registry, req: dict, key: str = "namespace"):
+    """(region, namespace) named by req[key]: a namespace name, alt_name, or btt name."""
+    name = _field(req, key, str)
+    if not name:
+        raise NdError(errno.EINVAL, f"{key!r} is required, e.g. namespace0.0")
+    if name.startswith("btt"):
+        region = registry.region_of(name)
+        btt = region.device(name)
+        if btt.ndns is None:
+            raise NdError(errno.ENXIO, f"{name} holds no namespace")
+        return region, btt.ndns
+    return registry.namespace(name)
+
+
+def _refuse_if_clients(registry, names, force: bool, what: str) -> None:
+    for name in names:
+        exp = registry.export_of(name)
+        if exp is not None and exp.clients and not force:
+            raise NdError(errno.EBUSY, f"{what}: {name} has {exp.clients} connected NBD "
+                          "client(s); disconnect them first, or force (their requests then "
+                          "fail)")
+
+
+def _sync(registry, names) -> None:
+    """Makes exports follow the model; a namespace that failed to open is reported (the
+    model has already been set back to disabled)."""
+    for name, err in registry.sync():
+        if name in names:
+            raise NdError(err.errno or errno.EIO, f"{name} could not be served: "
+                          f"{err.strerror or err}")
+
+
+def _disable(region, ns) -> None:
+    """ndctl disable-namespace: unbind and delete the personality, unbind the namespace."""
+    btt = ns.claim
+    if btt is not None:
+        if btt.bound:
+            region.unbind(btt.name)
+        region.set(f"{btt.name}/namespace", "")
+    if ns.bound:
+        region.unbind(ns.name)
+
+
+def _refuse_read_only(region, what: str) -> None:
+    if region.read_only:
+        raise NdError(errno.EROFS, f"{what}: {region.name} is read-only ({region.path} is not "
+                      f"writable, or {region.name}/read_only is set)")
+
+
+def _bind(region, ns, mode: str, sector_size: int) -> None:
+    """Serves ns raw, or claims it with the btt seed (a fresh BTT is laid down)."""
+    if mode == "raw":
+        region.bind(ns.name)
+        return
+    btt = region.btt_seed
+    try:
+        region.set(f"{btt.name}/uuid", str(uuidlib.uuid4()))
+        region.set(f"{btt.name}/sector_size", str(sector_size))
+        region.set(f"{btt.name}/namespace", ns.name)
+        region.bind(btt.name)
+    except NdError:
+        if not btt.bound:
+            region.set(f"{btt.name}/namespace", "")  # resets the seed
+        raise
+
+
+def _undo_create(region, ns) -> None:
+    """Best effort after a failed create: the new namespace's claim and label go away."""
+    for step in (lambda: _disable(region, ns),
+                 lambda: ns.size and region.set(f"{ns.name}/size", "0"),
+                 lambda: region.set(f"{ns.name}/alt_name", "")):
+        try:
+            step()
+        except NdError:
+            pass
+    if not ns.size:
+        ns.uuid = None  # a seed keeps no uuid from a failed attempt (it would block reuse)
+
+
+# ---- the verbs ---------------------------------------------------------------------------------
+
+def op_list(registry, req):
+    # Offline (nothing served) every namespace is disabled: show them all.
+    idle = bool(_field(req, "idle", bool, False)) or not registry.serving
+    if _field(req, "regions", bool, False):
+        return [describe_region(registry, r, idle) for r in registry.regions]
+    return [d for r in registry.regions for d in _namespaces(registry, r, idle)]
+
+
+def op_get(registry, req):
+    path = _field(req, "path", str) or ""
+    return registry.region_of(path.split("/")[0]).get(path)
+
+
+def op_set(registry, req):
+    path = _field(req, "path", str) or ""
+    value = _field(req, "value", str)
+    if value is None:
+        raise NdError(errno.EINVAL, "'value' is required (text, as written to sysfs)")
+    region = registry.region_of(path.split("/")[0])
+    if path == f"{region.name}/read_only":  # the only write that changes live exports
+        _refuse_if_clients(registry, region.namespaces, bool(req.get("force")), path)
+    region.set(path, value)
+    _sync(registry, set(region.namespaces))
+    return region.get(path)
+
+
+def op_enable(registry, req):
+    name = _field(req, "namespace", str) or ""
+    region, ns = _target(registry, req)
+    if not ns.active_mode:
+        region.bind(name if name.startswith("btt") else ns.name)
+        _sync(registry, {ns.name})
+    return describe_namespace(registry, region, ns)
+
+
+def op_disable(registry, req):
+    region, ns = _target(registry, req)
+    _refuse_if_clients(registry, [ns.name], bool(req.get("force")), "disable-namespace")
+    _disable(region, ns)
+    _sync(registry, ())
+    return describe_namespace(registry, region, ns)
+
+
+def _pick_region(registry, req, size: int | None):
+    wanted = _field(req, "region", (str, int))
+    if wanted is not None:
+        wanted = str(wanted)
+        region = registry.region_of(wanted if wanted.startswith("region") else f"region{wanted}")
+        if not region.labelled:
+            raise NdError(errno.ENXIO, f"{region.name} ({region.path}) is label-less: its one "
+                          f"namespace, namespace{region.id}.0, covers the whole file; "
+                          f"reconfigure it with create-namespace -e namespace{region.id}.0, or "
+                          "make a labelled region with create-region")
+        return region
+    labelled = [r for r in registry.regions if r.labelled and not r.read_only]
+    for region in labelled:
+        if region.max_available_extent >= (size or 1):
+            return region
+    if not labelled:
+        raise NdError(errno.ENXIO, "no labelled, writable region to create a namespace in "
+                      "(label-less files hold one namespace; use create-namespace -e, or "
+                      "create-region)")
+    raise NdError(errno.ENOSPC, f"no region has {size} bytes free in one extent; largest: "
+                  + ", ".join(f"{r.name} {r.max_available_extent}" for r in labelled))
+
+
+def _check_claim_size(mode: str, size: int, version: str = "2.0") -> None:
+    need = MIN_CLAIM_SIZE + BTT_INFO_OFFSET[version]
+    if mode == "sector" and size < need:
+        raise NdError(errno.ENXIO, f"a sector namespace needs at least {need} bytes "
+                      f"(16 MiB for the BTT); got {size}")
+
+
+def op_create(registry, req):
+    if req.get("reconfig") is not None:
+        return op_reconfig(registry, req)
+    mode = _mode(_field(req, "mode", str, "sector"))
+    sector_size = _sector_size(req.get("sector_size", 4096))
+    size = parse_size(req["size"]) if req.get("size") is not None else None
+    name = _field(req, "name", str, "")
+    new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
+    region = _pick_region(registry, req, size)
+    _refuse_read_only(region, "create-namespace")
+    ns = region.namespace_seed
+    if size is None:
+        size = region.max_available_extent - region.max_available_extent % region.align
+    version = BTT_VERSION_FOR_CLASS["btt" if region.store.version == "1.1" else "btt2"]
+    _check_claim_size(mode, size, version)
+    region.check_size(ns.name, size)
+    try:
+        region.set(f"{ns.name}/uuid", str(new_uuid))
+        region.set(f"{ns.name}/alt_name", name)
+        region.set(f"{ns.name}/sector_size", str(sector_size))
+        region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
+        region.set(f"{ns.name}/size", str(size))  # the one label write
+        region.media.erase_btt(ns.offset, ns.size)  # no stale BTT may be autodetected
+        _bind(region, ns, mode, sector_size)
+        _sync(registry, {ns.name})
+    except OSError:
+        _undo_create(region, ns)
+        _sync(registry, ())
+        raise
+    return describe_namespace(registry, region, ns)
+
+
+def op_reconfig(registry, req):
+    """create-namespace -e: a new namespace in the old one's place. Data is not kept."""
+    region, ns = _target(registry, req, "reconfig")
+    if not ns.configured:
+        raise NdError(errno.ENXIO, f"{ns.name} is not configured; use create-namespace")
+    _refuse_read_only(region, "create-namespace -e")
+    force = bool(req.get("force"))
+    if ns.active_mode and not force:
+        raise NdError(errno.EBUSY, f"{ns.name} is enabled; reconfiguring destroys its data: "
+                      "use --force")
+    _refuse_if_clients(registry, [ns.name], force, "create-namespace -e")
+    old = describe_namespace(registry, region, ns)
+    mode = _mode(_field(req, "mode", str, old["mode"]))
+    sector_size = _sector_size(req.get("sector_size", old["sector_size"]))
+    size = parse_size(req["size"]) if req.get("size") is not None else ns.size
+    name = _field(req, "name", str, ns.alt_name)
+    if ns.kind == "io":
+        if size != ns.size or req.get("name") or req.get("uuid"):
+            raise NdError(errno.ENXIO, f"{ns.name} is label-less: its size is the file's, and "
+                          "it has no uuid or name to set")
+        version = "1.1"
+    else:
+        version = BTT_VERSION_FOR_CLASS["btt" if region.store.version == "1.1" else "btt2"]
+        region.check_size(ns.name, size)
+    _check_claim_size(mode, size, version)
+    new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
+
+    _disable(region, ns)
+    _sync(registry, ())
+    region.set(f"{ns.name}/force_raw", "0")
+    region.media.erase_btt(ns.offset, ns.size)
+    if ns.kind == "pmem":
+        region.set(f"{ns.name}/uuid", str(new_uuid))
+        region.set(f"{ns.name}/alt_name", name)
+        region.set(f"{ns.name}/sector_size", str(sector_size))
+        region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
+        region.set(f"{ns.name}/size", str(size))
+    _bind(region, ns, mode, sector_size)
+    _sync(registry, {ns.name})
+    return describe_namespace(registry, region, ns)
+
+
+def op_destroy(registry, req):
+    region, ns = _target(registry, req)
+    if not ns.configured:
+        raise NdError(errno.ENXIO, f"{ns.name} is a seed: there is nothing to destroy")
+    _refuse_read_only(region, "destroy-namespace")
+    force = bool(req.get("force"))
+    if ns.active_mode and not force:
+        raise NdError(errno.EBUSY, f"{ns.name} is enabled; destroying it loses its data: "
+                      "disable it first, or use --force")
+    _refuse_if_clients(registry, [ns.name], force, "destroy-namespace")
+    _disable(region, ns)
+    _sync(registry, ())
+    region.media.erase_btt(ns.offset, ns.size)  # no autodetect finds it again
+    if ns.kind == "pmem":
+        region.set(f"{ns.name}/size", "0")  # frees the capacity and deletes the label
+    _sync(registry, ())
+    return {"dev": ns.name, "destroyed": True}
+
+
+OPS = {"list": op_list, "get": op_get, "set": op_set, "enable-namespace": op_enable,
+       "disable-namespace": op_disable, "create-namespace": op_create,
+       "destroy-namespace": op_destroy}
+
+
+def handle(registry, req: dict):
+    op = req.get("op")
+    if op not in OPS:
+        raise NdError(errno.EINVAL, f"unknown op {op!r}; valid: {', '.join(OPS)}")
+    with registry.lock:
+        return OPS[op](registry, req)
