@@ -174,9 +174,11 @@ def _run(args) -> int:
     req = args.request(args)
     try:
         reply = run(args, req)
-    except OSError as e:
-        print(f"bttctl: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
+    except OSError as e:  # no server, no such file, or the region file is locked
+        name = errno.errorcode.get(e.errno, "")
+        text = e.strerror or str(e)
+        print(f"bttctl: {text if text.startswith(name) else f'{name}: {text}'}", file=sys.stderr)
+        return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
     if not reply.get("ok"):
         message, name = reply.get("error", ""), reply.get("errno", "")
         if not message.startswith(name):

@@ -1,0 +1,305 @@
+"""The control API (plugin/verbs.py) without nbdkit: on region files offline, and on an
+in-memory region driven at random. What a server adds (exports, clients) is in
+test_namespace_e2e.py and test_control_e2e.py."""
+import errno
+import json
+import os
+import string
+import subprocess
+import sys
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from btt_core import Btt, probe
+from conftest import MiB
+from plugin.cli_namespace import call_offline, offline
+from plugin.labels import LabelArea
+from plugin.namespaces import Registry
+from plugin.nsmodel import MemoryMedia, MemoryStore, NdError, Region
+from plugin.verbs import handle, parse_size
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bttctl(*args):
+    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+@pytest.fixture
+def region_file(tmp_path):
+    path = str(tmp_path / "region.img")
+    LabelArea.create(path, 256 * MiB).close()
+    return path
+
+
+def labels(path):
+    area = LabelArea.detect(path)
+    try:
+        return area.namespaces()
+    finally:
+        area.close()
+
+
+def ok(region_path, /, **req):
+    reply = call_offline([region_path], req)
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def refused(region_path, err, /, **req):
+    reply = call_offline([region_path], req)
+    assert not reply["ok"] and reply["errno"] == errno.errorcode[err], reply
+    return reply["error"]
+
+
+def test_create_list_destroy(region_file):
+    ns = ok(region_file, op="create-namespace", size="64M", name="db")
+    assert ns["dev"] == "namespace0.0" and ns["mode"] == "sector" and ns["name"] == "db"
+    assert ns["sector_size"] == 4096 and 60 * MiB < ns["size"] < 64 * MiB
+    assert ns["uuid"] != ns["raw_uuid"]  # ndctl: uuid is the BTT's, raw_uuid the namespace's
+    found = probe(region_file, offset=0, size=64 * MiB, version="2.0")  # v1.2 labels: BTT 2.0
+    assert found["uuid"] == ns["uuid"] and found["parent_uuid"] == ns["raw_uuid"]
+    raw = ok(region_file, op="create-namespace", mode="raw", sector_size=512, size=32 * MiB)
+    assert raw["dev"] == "namespace0.1" and raw["offset"] == 64 * MiB
+    assert raw["size"] == 32 * MiB and raw["sector_size"] == 512 and "holder" not in raw
+
+    listed = ok(region_file, op="list")  # offline: nothing served, so everything listed
+    assert [(n["dev"], n["mode"], n["state"]) for n in listed] == [
+        ("namespace0.0", "sector", "disabled"), ("namespace0.1", "raw", "disabled")]
+    (region,) = ok(region_file, op="list", regions=True)
+    assert region["available_size"] == 160 * MiB and region["labels"] == "1.2"
+
+    assert ok(region_file, op="destroy-namespace", namespace="db")["destroyed"]
+    # As in Linux, names are given out afresh (in offset order) whenever a region is read:
+    # the survivor is namespace0.0 now. alt_name is the stable handle.
+    (left,) = ok(region_file, op="list")
+    assert (left["dev"], left["offset"], left["raw_uuid"]) == ("namespace0.0", 64 * MiB,
+                                                               raw["raw_uuid"])
+    assert probe(region_file, offset=0, size=64 * MiB, version="2.0") is None
+    assert [l.size for l in labels(region_file)] == [32 * MiB]
+
+
+def test_destroy_erases_backups_too(region_file):
+    """Regression: zeroing only the first 8 KiB left a valid backup info block, which the
+    probe reports as a damaged BTT (EUCLEAN), so a new raw namespace there never enabled."""
+    ok(region_file, op="create-namespace", size="32M")
+    ok(region_file, op="destroy-namespace", namespace="namespace0.0")
+    again = ok(region_file, op="create-namespace", mode="raw", size="32M")
+    assert again["offset"] == 0
+    assert ok(region_file, op="enable-namespace", namespace="namespace0.0")["state"] == "enabled"
+    ok(region_file, op="create-namespace", reconfig="namespace0.0", mode="sector")
+    ok(region_file, op="create-namespace", reconfig="namespace0.0", mode="raw")
+    with offline([region_file]) as registry:
+        region = registry.regions[0]
+        assert region.media.probe(0, 32 * MiB, "2.0") is None  # no EUCLEAN either
+
+
+def test_reconfig_keeps_place_and_name(region_file):
+    first = ok(region_file, op="create-namespace", size="32M", name="db")
+    other = ok(region_file, op="create-namespace", size="32M")
+    raw = ok(region_file, op="create-namespace", reconfig="db", mode="raw")
+    assert (raw["dev"], raw["offset"], raw["name"], raw["mode"]) == ("namespace0.0", 0, "db",
+                                                                     "raw")
+    assert raw["raw_uuid"] != first["raw_uuid"]  # a new namespace in the old one's place
+    err = refused(region_file, errno.ENOSPC, op="create-namespace", reconfig="db", size="64M")
+    assert "in place" in err
+    assert ok(region_file, op="get", path="namespace0.0/size") == str(32 * MiB)  # unchanged
+    assert ok(region_file, op="get", path="namespace0.1/uuid") == other["raw_uuid"]
+
+
+def test_refusals_name_the_errno_and_the_valid_values(region_file):
+    assert "512, 4096" in refused(region_file, errno.EINVAL, op="create-namespace",
+                                  sector_size=520, size="32M")
+    assert "sector" in refused(region_file, errno.EINVAL, op="create-namespace", mode="fsdax")
+    assert "16 MiB" in refused(region_file, errno.ENXIO, op="create-namespace", size="8M")
+    assert "align" in refused(region_file, errno.EINVAL, op="create-namespace", size="20M")
+    refused(region_file, errno.ENOSPC, op="create-namespace", size="1G")
+    refused(region_file, errno.EINVAL, op="create-namespace", size="lots")
+    refused(region_file, errno.EINVAL, op="create-namespace", size="32M", uuid="not-a-uuid")
+    refused(region_file, errno.EINVAL, op="frobnicate")
+    refused(region_file, errno.EINVAL, op="get", path=7)
+    refused(region_file, errno.ENODEV, op="get", path="namespace7.0/size")
+    refused(region_file, errno.ENOENT, op="get", path="region0/colour")
+    refused(region_file, errno.ENXIO, op="destroy-namespace", namespace="namespace0.0")  # seed
+    ns = ok(region_file, op="create-namespace", size="32M")
+    refused(region_file, errno.EINVAL, op="create-namespace", size="32M", uuid=ns["raw_uuid"])
+    refused(region_file, errno.ENODEV, op="enable-namespace", namespace="nope")
+    # Nothing of the refused creates reached the labels.
+    assert len(labels(region_file)) == 1
+
+
+def test_frozen_while_claimed(region_file):
+    ok(region_file, op="create-namespace", size="32M", name="db")
+    with offline([region_file]) as registry:
+        handle(registry, {"op": "enable-namespace", "namespace": "db"})
+        with pytest.raises(NdError) as e:
+            handle(registry, {"op": "set", "path": "namespace0.0/alt_name", "value": "x"})
+        assert e.value.errno == errno.EBUSY
+        with pytest.raises(NdError) as e:  # a claimed namespace cannot be exposed raw
+            registry.regions[0].bind("namespace0.0")
+        assert e.value.errno == errno.ENXIO
+        handle(registry, {"op": "disable-namespace", "namespace": "db"})
+        assert handle(registry, {"op": "set", "path": "namespace0.0/alt_name",
+                                 "value": "x"}) == "x"
+        registry.regions[0].check_invariants()
+
+
+def test_label_less_region(tmp_path):
+    path = str(tmp_path / "plain.img")
+    Btt.create(path, size=64 * MiB).close()
+    (ns,) = ok(path, op="list")
+    assert (ns["dev"], ns["mode"], ns["size"] > 60 * MiB) == ("namespace0.0", "sector", True)
+    assert "create-namespace -e" in refused(path, errno.ENXIO, op="create-namespace",
+                                            region="region0")
+    refused(path, errno.ENXIO, op="create-namespace", reconfig="namespace0.0", name="x")
+    raw = ok(path, op="create-namespace", reconfig="namespace0.0", mode="raw")
+    assert raw["mode"] == "raw" and raw["size"] == 64 * MiB and probe(path) is None
+    back = ok(path, op="create-namespace", reconfig="namespace0.0", mode="sector",
+              sector_size=512)
+    assert back["sector_size"] == 512
+    found = probe(path)
+    assert found["version"] == "1.1" and found["parent_uuid"] == str(uuid.UUID(int=0))
+
+
+def test_read_only_region_file(region_file):
+    ok(region_file, op="create-namespace", size="32M")
+    os.chmod(region_file, 0o444)
+    try:
+        if not os.access(region_file, os.W_OK):  # root may write it regardless
+            refused(region_file, errno.EROFS, op="create-namespace", size="32M")
+    finally:
+        os.chmod(region_file, 0o644)
+    # Root writes anyway; region0/read_only is the switch that holds for everyone.
+    with offline([region_file]) as registry:
+        handle(registry, {"op": "set", "path": "region0/read_only", "value": "1"})
+        with pytest.raises(NdError) as e:
+            handle(registry, {"op": "destroy-namespace", "namespace": "namespace0.0"})
+        assert e.value.errno == errno.EROFS
+
+
+def test_offline_cli_and_the_lock(region_file):
+    p = bttctl("create-namespace", "--region", region_file, "-s", "32M", "-n", "db")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["name"] == "db"
+    p = bttctl("get", "--region", region_file, "namespace0.0/alt_name")
+    assert (p.returncode, p.stdout) == (0, "db\n")
+    p = bttctl("set", "--region", region_file, "namespace0.0/sector_size", "1000")
+    assert p.returncode == 1 and "EINVAL" in p.stderr and "512, 4096" in p.stderr
+    p = bttctl("create-namespace", "--region", region_file, "-l", "1000")
+    assert p.returncode == 64  # argparse: invalid choice
+    p = bttctl("check-namespace", "db", "--region", region_file)
+    assert p.returncode == 0, p.stdout + p.stderr
+    from plugin.namespaces import lock_region
+    fd = lock_region(region_file)  # as a running server holds it
+    try:
+        p = bttctl("list", "--region", region_file)
+        assert p.returncode != 0 and "EBUSY" in p.stderr and "--control" in p.stderr
+        p = bttctl("check-namespace", region_file, "--repair")
+        assert p.returncode == 64 and "EBUSY" in p.stderr
+    finally:
+        os.close(fd)
+    p = bttctl("create-region", region_file, "--size", "64M")
+    assert p.returncode == 1 and "EEXIST" in p.stderr
+    for verb in ("list", "create-namespace", "destroy-namespace", "get", "set", "create-region",
+                 "enable-namespace", "disable-namespace"):
+        p = bttctl(verb, "--help")
+        assert p.returncode == 0 and "usage" in p.stdout
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("256M", 256 * MiB), ("1g", 1 << 30),
+                                        ("0x1000", 4096), (512, 512)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+# ---- random requests against an in-memory region -----------------------------------------------
+
+def memory_registry():
+    registry = Registry(serving=False)
+    region = Region(MemoryStore(256 * MiB), MemoryMedia(), autobind=False)
+    region.path = "memory"
+    registry.regions.append(region)
+    return registry
+
+
+NAMES = st.sampled_from(["namespace0.0", "namespace0.1", "namespace0.2", "btt0.0", "btt0.1",
+                         "db", "", "region0", "nope"])
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 40), NAMES,
+                   st.text(string.printable, max_size=12),
+                   st.sampled_from(["16M", "32M", "48M", "64M", "raw", "sector", "safe", "4096",
+                                    "512", "btt", "1", "0"]))
+ATTRS = st.sampled_from(["size", "uuid", "alt_name", "sector_size", "holder_class",
+                         "force_raw", "namespace", "read_only", "align", "holder", "mode"])
+
+
+@st.composite
+def requests(draw):
+    op = draw(st.sampled_from(["list", "get", "set", "enable-namespace", "disable-namespace",
+                               "create-namespace", "destroy-namespace", "bogus"]))
+    req = {"op": op}
+    for key in draw(st.lists(st.sampled_from(["namespace", "mode", "size", "sector_size", "name",
+                                              "uuid", "region", "reconfig", "force", "idle",
+                                              "regions", "value"]), max_size=5)):
+        req[key] = draw(VALUES)
+    if op in ("get", "set"):
+        req["path"] = f"{draw(NAMES)}/{draw(ATTRS)}"
+    return req
+
+
+class ControlMachine(RuleBasedStateMachine):
+    """Any request gets a result or an NdError (never another exception), a refusal
+    changes nothing, and the model's invariants hold after every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.registry = memory_registry()
+        self.region = self.registry.regions[0]
+
+    def snapshot(self):
+        return json.dumps(handle(self.registry, {"op": "list", "regions": True}), sort_keys=True)
+
+    @rule(req=requests())
+    def anything(self, req):
+        before = self.snapshot()
+        try:
+            handle(self.registry, req)
+        except NdError as e:
+            assert e.errno and errno.errorcode[e.errno] in str(e)
+            if req["op"] not in ("create-namespace",):  # a create may fail after its label
+                assert self.snapshot() == before, f"{req} was refused but changed the state"
+
+    @rule(size=st.sampled_from(["16M", "32M", "48M"]), mode=st.sampled_from(["raw", "sector"]))
+    def create(self, size, mode):
+        try:
+            ns = handle(self.registry, {"op": "create-namespace", "size": size, "mode": mode})
+        except NdError as e:
+            assert e.errno in (errno.ENOSPC, errno.ENXIO), e
+            return
+        assert ns["mode"] == mode and ns["state"] == "enabled"
+
+    @rule(data=st.data())
+    def destroy(self, data):
+        names = [n["dev"] for n in handle(self.registry, {"op": "list"})]
+        if names:
+            name = data.draw(st.sampled_from(names))
+            handle(self.registry, {"op": "destroy-namespace", "namespace": name, "force": True})
+            assert name not in [n["dev"] for n in handle(self.registry, {"op": "list"})]
+
+    @invariant()
+    def consistent(self):
+        self.region.check_invariants()
+        listed = handle(self.registry, {"op": "list", "idle": True})
+        free = self.region.available_size
+        assert free + sum(n["raw_size"] for n in listed) == self.region.size
+        for n in listed:
+            assert n["state"] == ("enabled" if n["mode"] == self.region.namespaces[
+                n["dev"]].active_mode else "disabled")
+
+
+TestControlMachine = ControlMachine.TestCase
+TestControlMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
+                                       suppress_health_check=[HealthCheck.too_slow])
