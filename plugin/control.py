@@ -66,9 +66,18 @@ class ControlServer:
         self._stopping = False
 
     def start(self) -> None:
-        """Binds and starts accepting. Call after nbdkit has forked (threads die in a fork)."""
+        """Binds and starts accepting. Call after nbdkit has forked (threads die in a fork).
+        A stale socket file is replaced; a live one (another server's) is refused."""
         if os.path.exists(self.path):
-            os.unlink(self.path)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(2)
+                try:
+                    probe.connect(self.path)
+                except OSError:
+                    os.unlink(self.path)  # nobody listens: left over from a killed server
+                else:
+                    raise OSError(errno.EADDRINUSE, f"{self.path}: another server's control "
+                                  "socket is live there")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:

@@ -1,8 +1,9 @@
 """`bttctl serve`: run nbdkit with our plugin and tell the user how to attach.
 
-With no arguments it serves ./var/region0.img, creating it first (1 GiB, sparse, one
-sector-mode namespace with 4096-byte sectors). The export URI goes to stdout; the
-ready-to-paste client commands and messages to stderr. Ctrl-C stops nbdkit cleanly.
+With no arguments it serves ./var/region0.img, creating it first: a sparse, labelled 1 GiB
+region with one 512 MiB sector-mode namespace, "demo", with 4096-byte sectors. The export
+URI goes to stdout; the ready-to-paste client commands and messages to stderr. Ctrl-C
+stops nbdkit cleanly.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-
-from btt_core import Btt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "plugin", "nbdkit_btt.py")
@@ -26,7 +25,7 @@ def register(subparsers) -> None:
                               description="Start nbdkit with the BTT plugin. Without "
                               "arguments, serve var/region0.img (created if missing).")
     p.add_argument("--region", action="append", help="region file (repeatable); default "
-                   f"{DEFAULT_REGION}, created as a 1 GiB sector namespace if missing")
+                   f"{DEFAULT_REGION}, created with a 512 MiB sector namespace if missing")
     p.add_argument("--socket", help="Unix socket path (default: var/nbd.sock)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", nargs="?", const="10809",
                    help="listen on TCP instead (host defaults to localhost, port to 10809)")
@@ -46,11 +45,35 @@ def _say(msg: str) -> None:
 
 
 def _default_region(path: str) -> None:
+    """The demo: a labelled 1 GiB region (a QEMU NVDIMM backend as it stands) holding one
+    512 MiB sector namespace named "demo"; the other half is free for create-namespace."""
     if os.path.exists(path):
         return
+    from plugin.cli_namespace import call_offline
+    from plugin.labels import LabelArea
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _say(f"creating {path}: 1 GiB sparse region, one sector namespace (BTT 1.1, 4096-byte sectors)")
-    Btt.create(path, size=DEFAULT_SIZE, sector_size=4096).close()
+    _say(f"creating {path}: a 1 GiB labelled region with one 512 MiB sector namespace "
+         "(\"demo\", 4096-byte sectors)")
+    LabelArea.create(path, DEFAULT_SIZE).close()
+    reply = call_offline([path], {"op": "create-namespace", "mode": "sector", "size": "512M",
+                                  "name": "demo"})
+    if not reply["ok"]:
+        raise SystemExit(f"bttctl serve: creating the demo namespace: {reply['error']}")
+
+
+def _first_export(control: str) -> str | None:
+    """The first enabled namespace the server reports, or None."""
+    from plugin.control import request
+    for _ in range(100):
+        try:
+            reply = request(control, {"op": "list"})
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        return None
+    exports = [ns["export"] for ns in reply.get("result", []) if ns.get("export")]
+    return exports[0] if exports else None
 
 
 def _listen_args(args, var: str):
@@ -133,7 +156,11 @@ def cmd_serve(args) -> int:
         rc = proc.wait() if proc.poll() is not None else (proc.kill() or proc.wait())
         _say(f"bttctl serve: nbdkit did not start (exit {rc})")
         return 1
-    export = "namespace0.0"
+    export = _first_export(control)
+    if export is None:
+        _say(f"bttctl serve: nothing to export yet; create a namespace with\n"
+             f"  bttctl create-namespace --control {control} --size 256M --name db")
+        export = "namespace0.0"
     if isinstance(where, str):
         uri = f"nbd+unix:///{export}?socket={where}"
         qemu = (f"-blockdev driver=nbd,server.type=unix,server.path={where},export={export},"

@@ -158,3 +158,23 @@ def test_other_uid_refused(server):
     reply = json.loads(os.read(r, 65536))
     assert reply.get("ok") is False and reply["errno"] == "EACCES", reply
     assert request(server.path, {"op": "get"})["result"]["a"] == 0
+
+
+def test_a_live_socket_is_not_taken_over(server):
+    """A second server on the same path must not unlink the first one's live socket (the
+    first would keep running, unreachable); a stale file from a killed server is replaced."""
+    second = ControlServer(server.path, Counter())
+    with pytest.raises(OSError) as e:
+        second.start()
+    assert e.value.errno == errno.EADDRINUSE
+    assert request(server.path, {"op": "get"})["ok"]
+    stale = os.path.join(os.path.dirname(server.path), "stale.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale)
+    s.close()  # the file stays, nobody listens
+    third = ControlServer(stale, Counter())
+    third.start()
+    try:
+        assert request(stale, {"op": "get"})["ok"]
+    finally:
+        third.stop()

@@ -28,9 +28,13 @@ def test_serve_defaults_then_ctrl_c(tmp_path):
     p, uri = start_serve(tmp_path)
     try:
         assert uri == f"nbd+unix:///namespace0.0?socket={tmp_path}/var/nbd.sock"
-        assert (tmp_path / "var" / "region0.img").stat().st_size == 1 << 30
+        # A labelled 1 GiB region (plus its 128 KiB label area) with a 512 MiB BTT namespace.
+        assert (tmp_path / "var" / "region0.img").stat().st_size == (1 << 30) + (128 << 10)
         info = subprocess.run(["nbdinfo", uri], env=ENV, capture_output=True, text=True, check=True)
-        assert "block_size_minimum: 4096" in info.stdout and "export-size: 1071611904" in info.stdout
+        assert "block_size_minimum: 4096" in info.stdout and "export-size: 535269376" in info.stdout
+        info = subprocess.run(["nbdinfo", "--list", uri], env=ENV, capture_output=True, text=True,
+                              check=True)
+        assert "export=\"namespace0.0\"" in info.stdout and "export=\"demo\"" in info.stdout
     finally:
         p.send_signal(signal.SIGINT)
         rc = p.wait(20)
@@ -105,7 +109,7 @@ def test_second_serve_leaves_the_running_one_alone(tmp_path):
         assert second.returncode == 1 and "served by another process" in second.stderr
         info = subprocess.run(["nbdinfo", "--size", uri], env=ENV, capture_output=True,
                               text=True, check=True)
-        assert info.stdout.strip() == "1071611904"
+        assert info.stdout.strip() == "535269376"
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(20) == 0
