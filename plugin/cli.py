@@ -5,6 +5,7 @@ assembles them. Usage errors exit 64 (argparse's 2 would collide with check-name
 "repaired"); JSON goes to stdout, messages to stderr.
 """
 import argparse
+import os
 import sys
 
 from plugin import cli_check, cli_namespace, serve
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `bttctl list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -96,11 +96,11 @@ def _fail(e: BttError) -> int:
     return EXIT_IO
 
 
-def _served(args):
+def _served(args, lock: bool = True):
     """TARGET names a namespace of a running server (or, with --region, of a region file):
     where it lives, and its state."""
     from plugin.cli_namespace import run
-    reply = run(args, {"op": "list", "idle": True})
+    reply = run(args, {"op": "list", "idle": True}, lock)
     for ns in reply.get("result", []):
         if args.target in (ns["dev"], ns.get("name")):
             return ns
@@ -222,18 +222,21 @@ def _print_check(r) -> None:
 
 
 def cmd_read_infoblock(args) -> int:
+    namespace_uuid = None  # a label-less namespace has none: only a null parent_uuid is valid
     if args.region_file or args.control or _names_a_namespace(args.target):
         try:  # reading is safe while the namespace is served
-            ns = _served(args)
+            ns = _served(args, lock=False)
         except OSError as e:
-            print(f"bttctl: {e}", file=sys.stderr)
+            print(f"bttctl: {e.strerror or e}", file=sys.stderr)
             return EXIT_USAGE
         args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
+        namespace_uuid = ns.get("raw_uuid")
     if not os.path.exists(args.target):
         print(f"bttctl: {args.target}: no such file", file=sys.stderr)
         return EXIT_USAGE
     try:
-        found = read_infoblock(args.target, offset=args.offset, size=args.size)
+        found = read_infoblock(args.target, offset=args.offset, size=args.size,
+                               namespace_uuid=namespace_uuid)
     except BttError as e:
         return _fail(e)
     if args.btt_version:

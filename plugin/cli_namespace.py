@@ -127,8 +127,9 @@ def _create_request(a) -> dict:
 
 
 @contextlib.contextmanager
-def offline(paths):
-    """A Registry over region files with nothing served, holding their locks."""
+def offline(paths, lock: bool = True):
+    """A Registry over region files with nothing served, holding their locks (without
+    `lock`, for reading only: a served file may then be read, never changed)."""
     from plugin.namespaces import Registry, lock_region
     locks = []
     try:
@@ -136,7 +137,8 @@ def offline(paths):
         for path in paths:
             if not os.path.isfile(path):
                 raise FileNotFoundError(errno.ENOENT, f"{path}: no such region file")
-            locks.append(lock_region(path))
+            if lock:
+                locks.append(lock_region(path))
             registry.add_region(os.path.abspath(path))
         yield registry
     finally:
@@ -152,10 +154,10 @@ def call(control: str, req: dict) -> dict:
     return request(control, req)
 
 
-def call_offline(paths, req: dict) -> dict:
+def call_offline(paths, req: dict, lock: bool = True) -> dict:
     """The same reply a server would give, computed on region files."""
     from plugin.verbs import handle
-    with offline(paths) as registry:
+    with offline(paths, lock) as registry:
         try:
             return {"ok": True, "result": handle(registry, req)}
         except OSError as e:
@@ -163,10 +165,10 @@ def call_offline(paths, req: dict) -> dict:
                     "error": e.strerror or str(e)}
 
 
-def run(args, req: dict) -> dict:
+def run(args, req: dict, lock: bool = True) -> dict:
     """The reply to `req` from wherever args point (--region files or --control)."""
     if getattr(args, "region_file", None):
-        return call_offline(args.region_file, req)
+        return call_offline(args.region_file, req, lock)
     return call(args.control or DEFAULT_CONTROL, req)
 
 

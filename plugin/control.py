@@ -185,7 +185,10 @@ def request(path: str, req: dict, timeout: float = 30.0) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps(req).encode() + b"\n")
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a refusing server (wrong uid, too many clients) replies and hangs up early
         buf = b""
         while b"\n" not in buf:
             chunk = s.recv(65536)

@@ -156,7 +156,7 @@ def _refuse_if_clients(registry, names, force: bool, what: str) -> None:
         exp = registry.export_of(name)
         if exp is not None and exp.clients and not force:
             raise NdError(errno.EBUSY, f"{what}: {name} has {exp.clients} connected NBD "
-                          "client(s); disconnect them first, or force (their requests then "
+                          "client(s); disconnect them first, or use --force (their requests then "
                           "fail)")
 
 
@@ -302,6 +302,9 @@ def op_create(registry, req):
     region = _pick_region(registry, req, size)
     _refuse_read_only(region, "create-namespace")
     ns = region.namespace_seed
+    first = region.namespaces.get(f"namespace{region.id}.0")
+    if first is not None and not first.configured:
+        ns = first  # ndctl takes an emptied namespaceR.0 (kept registered) before the seed
     if size is None:
         size = region.max_available_extent - region.max_available_extent % region.align
     version = BTT_VERSION_FOR_CLASS["btt" if region.store.version == "1.1" else "btt2"]

@@ -319,10 +319,6 @@ def test_destroy_namespace(served):
     h.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="create-namespace takes the region's namespace seed "
-                   "(namespace0.2 here); ndctl's region_get_namespace() prefers namespace0.0 "
-                   "when it is idle, so that create, create, destroy both, create gives "
-                   "namespace0.0 again, not a name that depends on the server's history")
 def test_create_after_destroying_everything_reuses_namespace0_0(served):
     s, ctl, region = served
     create_db_and_raw(s, ctl)
