@@ -394,7 +394,7 @@ OPS = {"list": op_list, "get": op_get, "set": op_set, "enable-namespace": op_ena
 
 def handle(registry, req: dict):
     op = req.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise NdError(errno.EINVAL, f"unknown op {op!r}; valid: {', '.join(OPS)}")
     with registry.lock:
         return OPS[op](registry, req)

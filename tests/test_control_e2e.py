@@ -105,3 +105,58 @@ def test_check_namespace_of_a_running_server(served):
     assert bttctl("enable-namespace", "namespace0.0", "--control", ctl).returncode == 0
     p = bttctl("read-infoblock", "namespace0.0", "--control", ctl, "--json")
     assert p.returncode == 0 and json.loads(p.stdout)[0]["arenas"][0]["backup_matches"]
+
+
+def test_socket_abuse_leaves_server_and_state_intact(served):
+    """Random bytes, a huge line, junk requests, many clients and abrupt disconnects against
+    the real handler: the server keeps serving, and namespaces and exports are unchanged."""
+    import random
+    import socket
+    import threading
+
+    from plugin.control import request
+    s, ctl, region = served
+    before = request(ctl, {"op": "list", "idle": True})["result"]
+    rng = random.Random(8)
+    failures = []
+
+    def abuse(i):
+        try:
+            attack(i)
+        except Exception as e:  # noqa: BLE001 - a thread's exception would only warn
+            failures.append(f"client {i}: {e!r}")
+
+    def attack(i):
+        with socket.socket(socket.AF_UNIX) as c:
+            c.settimeout(5)
+            c.connect(ctl)
+            kind = i % 4
+            if kind == 0:
+                c.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 4096))))
+            elif kind == 1:
+                c.sendall(b'{"op": "list", "pad": "' + b"x" * (200 << 10))  # over the limit
+            elif kind == 2:
+                junk = [{"op": "set", "path": "namespace0.0/size", "value": None},
+                        {"op": "create-namespace", "size": -1}, {"op": ["list"]},
+                        {"op": "disable-namespace", "namespace": {"x": 1}},
+                        {"op": "get", "path": "../../etc/passwd"}, [1, 2], "list", 7]
+                c.sendall(b"".join(json.dumps(j).encode() + b"\n" for j in junk))
+                replies = c.makefile("rb")
+                for _ in junk:
+                    reply = json.loads(replies.readline())
+                    assert reply["ok"] is False and reply["errno"] != "EIO", reply
+            # kind 3: connect and hang up at once
+
+    threads = [threading.Thread(target=abuse, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # A server that hung up on an over-long line may reset a client still sending.
+    assert not [f for f in failures if "Connection" not in f and "Broken" not in f], failures
+    assert request(ctl, {"op": "list", "idle": True})["result"] == before
+    assert exports(s) == ["namespace0.0"]
+    h = connect(s)
+    h.pwrite(pattern(9, 1, 4096), 4096)
+    assert h.pread(4096, 4096) == pattern(9, 1, 4096)
+    h.shutdown()
