@@ -326,17 +326,25 @@ def op_create(registry, req):
     return describe_namespace(registry, region, ns)
 
 
-def op_reconfig(registry, req):
-    """create-namespace -e: a new namespace in the old one's place. Data is not kept."""
-    region, ns = _target(registry, req, "reconfig")
+def _victim(registry, req, key: str, verb: str):
+    """The namespace a data-destroying verb (destroy, reconfigure) names, once it is sure
+    the verb may go ahead: configured, writable, and enabled or connected only if forced."""
+    region, ns = _target(registry, req, key)
     if not ns.configured:
-        raise NdError(errno.ENXIO, f"{ns.name} is not configured; use create-namespace")
-    _refuse_read_only(region, "create-namespace -e")
+        raise NdError(errno.ENXIO, f"{ns.name} is a seed: there is nothing to {verb} (use "
+                      "create-namespace)")
+    _refuse_read_only(region, verb)
     force = bool(req.get("force"))
     if ns.active_mode and not force:
-        raise NdError(errno.EBUSY, f"{ns.name} is enabled; reconfiguring destroys its data: "
-                      "use --force")
-    _refuse_if_clients(registry, [ns.name], force, "create-namespace -e")
+        raise NdError(errno.EBUSY, f"{verb}: {ns.name} is enabled and its data would be "
+                      "lost: disable it first, or use --force")
+    _refuse_if_clients(registry, [ns.name], force, verb)
+    return region, ns
+
+
+def op_reconfig(registry, req):
+    """create-namespace -e: a new namespace in the old one's place. Data is not kept."""
+    region, ns = _victim(registry, req, "reconfig", "create-namespace -e")
     old = describe_namespace(registry, region, ns)
     mode = _mode(_field(req, "mode", str, old["mode"]))
     sector_size = _sector_size(req.get("sector_size", old["sector_size"]))
@@ -369,15 +377,7 @@ def op_reconfig(registry, req):
 
 
 def op_destroy(registry, req):
-    region, ns = _target(registry, req)
-    if not ns.configured:
-        raise NdError(errno.ENXIO, f"{ns.name} is a seed: there is nothing to destroy")
-    _refuse_read_only(region, "destroy-namespace")
-    force = bool(req.get("force"))
-    if ns.active_mode and not force:
-        raise NdError(errno.EBUSY, f"{ns.name} is enabled; destroying it loses its data: "
-                      "disable it first, or use --force")
-    _refuse_if_clients(registry, [ns.name], force, "destroy-namespace")
+    region, ns = _victim(registry, req, "namespace", "destroy-namespace")
     _disable(region, ns)
     _sync(registry, ())
     region.media.erase_btt(ns.offset, ns.size)  # no autodetect finds it again
