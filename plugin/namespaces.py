@@ -41,9 +41,10 @@ def lock_region(path: str) -> int:
     return fd
 
 
-def open_region(path: str, region_id: int, *, autobind: bool = True) -> Region:
+def open_region(path: str, region_id: int, *, autobind: bool = True,
+                read_only: bool = False) -> Region:
     """The model of one region file: labelled if a label area is found, else label-less."""
-    writable = os.access(path, os.W_OK)
+    writable = os.access(path, os.W_OK) and not read_only
     try:
         area = LabelArea.detect(path, writable=writable)
     except LabelError as e:
@@ -98,7 +99,8 @@ class Registry:
 
     def add_region(self, path: str) -> Region:
         # Offline nothing is served, so nothing is enabled (or claimed) either.
-        region = open_region(path, len(self.regions), autobind=self.serving)
+        region = open_region(path, len(self.regions), autobind=self.serving,
+                             read_only=self.settings.get("readonly") == "on")
         self.regions.append(region)
         return region
 

@@ -2,7 +2,7 @@
 
     nbdkit -U SOCK python plugin/nbdkit_btt.py region=FILE [region=FILE ...]
            [durability=group|strict|none] [zero-flag=on|off] [threadmodel=...]
-           [commit-ms=50] [control=PATH]
+           [commit-ms=50] [control=PATH] [readonly=on]
 
 Data callbacks are one line each: the namespace's backend does one C call (sector mode)
 or one syscall (raw mode). Errors become the errno the client sees via nbdkit.set_error.
@@ -27,7 +27,7 @@ __all__ = ["API_VERSION", "config", "config_complete", "thread_model", "get_read
 THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
                  "parallel": nbdkit.THREAD_MODEL_PARALLEL}
-settings = {"regions": [], "durability": "group", "zero-flag": "off",
+settings = {"regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
             "threadmodel": "serialize_all", "commit-ms": "50", "control": None}
 registry = Registry(settings)
 control_server = None
@@ -63,9 +63,9 @@ def config(key, value):
         if value not in ("group", "strict", "none"):
             raise ValueError(f"durability={value}: use group, strict or none")
         settings[key] = value
-    elif key == "zero-flag":
+    elif key in ("zero-flag", "readonly"):
         if value not in ("on", "off"):
-            raise ValueError(f"zero-flag={value}: use on or off")
+            raise ValueError(f"{key}={value}: use on or off")
         settings[key] = value
     elif key == "threadmodel":
         if value not in THREAD_MODELS:
@@ -79,7 +79,7 @@ def config(key, value):
         settings[key] = os.path.abspath(value)
     else:
         raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
-                         f"zero-flag, threadmodel, commit-ms, control")
+                         f"zero-flag, threadmodel, commit-ms, control, readonly")
 
 
 def config_complete():
@@ -120,8 +120,9 @@ def get_ready():
 def after_fork():
     global control_server
     # `nbdkit -r` reaches the plugin only per connection (open's readonly argument), so
-    # the engines open read-write unless the file itself is read-only: recovery and
-    # journal replay run as usual, and can_write tells each client what it may do.
+    # the engines open read-write unless the file itself is read-only or readonly=on
+    # (which `bttctl serve --readonly` passes with -r): then recovery and journal replay
+    # happen in memory only, and nothing at all is written to the region file.
     for name, e in registry.sync():
         print(f"nbdkit-btt: {name} not served: {e}", file=sys.stderr)
     if settings["control"]:

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                    help="serve TRIM and fast zeroing through the BTT map's Z flag (see docs)")
     p.add_argument("--threadmodel", choices=["serialize_all", "serialize_requests", "parallel"],
                    default="serialize_all")
-    p.add_argument("--readonly", action="store_true", help="export read-only (nbdkit -r)")
+    p.add_argument("--readonly", action="store_true", help="export read-only (nbdkit -r): nothing is written to the region files")
     p.add_argument("--control", help="control socket path (default: beside the NBD socket)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
@@ -141,7 +141,7 @@ def cmd_serve(args) -> int:
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
-            f"control={control}"]
+            f"control={control}", *(["readonly=on"] if args.readonly else [])]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
     proc = subprocess.Popen(argv, env=env)
     stop = {"signal": None, "at": 0.0}

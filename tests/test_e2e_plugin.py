@@ -218,3 +218,32 @@ def test_one_server_per_region(tmp_path, sector_region):
         h = connect(s)
         assert h.pread(4096, 0) == pattern(8, 0, 4096)
         h.shutdown()
+
+
+def test_readonly_on_writes_nothing(tmp_path, sector_region):
+    """readonly=on (what `bttctl serve --readonly` adds to nbdkit -r): a BTT left with
+    staged writes in its journal by a killed server is replayed in memory only, so clients
+    read every acknowledged write, and neither the region nor the journal changes."""
+    import hashlib
+
+    b = Btt.open(sector_region, durability="group")
+    b.write(5, pattern(4, 5, 4096))  # staged: only the journal knows the map change
+    b.abandon()  # as kill -9 would leave it
+    journal = sector_region + ".journal"
+
+    def digest(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    before = (digest(sector_region), digest(journal), os.stat(sector_region).st_mtime_ns)
+    with Server(tmp_path, [sector_region], "readonly=on", readonly=True) as s:
+        h = connect(s)
+        assert h.pread(4096, 5 * 4096) == pattern(4, 5, 4096)
+        assert h.is_read_only()
+        h.shutdown()
+    assert (digest(sector_region), digest(journal), os.stat(sector_region).st_mtime_ns) == before
+    with Server(tmp_path, [sector_region]) as s:  # served read-write, the replay is committed
+        h = connect(s)
+        assert h.pread(4096, 5 * 4096) == pattern(4, 5, 4096)
+        h.shutdown()
+    assert digest(sector_region) != before[0]
