@@ -247,9 +247,12 @@ def op_set(registry, req):
 def op_enable(registry, req):
     name = _field(req, "namespace", str) or ""
     region, ns = _target(registry, req)
-    if not ns.active_mode:
-        region.bind(name if name.startswith("btt") else ns.name)
-        _sync(registry, {ns.name})
+    if name.startswith("btt"):  # a btt configured by hand: bind it (EBUSY if ns is raw)
+        if not region.device(name).bound:
+            region.bind(name)
+    elif not ns.active_mode:
+        region.bind(ns.name)
+    _sync(registry, {ns.name})
     return describe_namespace(registry, region, ns)
 
 

@@ -303,3 +303,27 @@ class ControlMachine(RuleBasedStateMachine):
 TestControlMachine = ControlMachine.TestCase
 TestControlMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_claim_by_hand_like_sysfs(region_file):
+    """The kernel's recipe (namespace-model.md §1.4) through get/set: claim a raw namespace
+    with the btt seed and enable the btt; the namespace then serves in sector mode."""
+    ok(region_file, op="create-namespace", mode="raw", size="32M")
+    with offline([region_file]) as registry:
+        def do(op, **kw):
+            return handle(registry, {"op": op, **kw})
+
+        do("enable-namespace", namespace="namespace0.0")
+        seed = do("get", path="region0/btt_seed")
+        do("set", path=f"{seed}/uuid", value=str(uuid.uuid4()))
+        do("set", path=f"{seed}/sector_size", value="512")
+        do("set", path=f"{seed}/namespace", value="namespace0.0")  # raw+claimed
+        with pytest.raises(NdError) as e:  # still raw-bound
+            do("enable-namespace", namespace=seed)
+        assert e.value.errno == errno.EBUSY
+        registry.regions[0].unbind("namespace0.0")
+        ns = do("enable-namespace", namespace=seed)
+        assert (ns["mode"], ns["holder"], ns["sector_size"]) == ("sector", seed, 512)
+        assert do("get", path="namespace0.0/mode") == "safe"
+        registry.regions[0].check_invariants()
+    assert probe(region_file, offset=0, size=32 * MiB, version="1.1")["sector_size"] == 512
