@@ -380,3 +380,29 @@ def test_restart_and_offline(served, tmp_path):
         h.shutdown()
     finally:
         s2.stop()
+
+
+def test_kill_9_loses_no_acknowledged_write_in_a_namespace_further_in(served, tmp_path):
+    """group durability in a namespace at offset 64 MiB (its intent journal is
+    REGION.journal.OFFSET): kill -9 right after acknowledged, unflushed writes loses none."""
+    import signal
+    s, ctl, region = served
+    ctl.ok("create-namespace", "--size", "64M", "--name", "first")
+    second = ctl.ok("create-namespace", "--size", "64M", "--name", "second")
+    assert second["offset"] == 64 * MiB
+    h = connect(s, "second")
+    for i in range(40):
+        h.pwrite(pattern(11, i, 4096), (i * 7 % 300) * 4096)
+    s.stop(signal.SIGKILL)  # no flush, no clean close
+    assert os.path.exists(f"{region}.journal.{64 * MiB}")
+    s2 = start(tmp_path, region, str(tmp_path / "ctl2.sock"))
+    try:
+        h = connect(s2, "second")
+        expected = {}
+        for i in range(40):
+            expected[(i * 7 % 300)] = pattern(11, i, 4096)
+        for lba, data in expected.items():
+            assert h.pread(4096, lba * 4096) == data, lba
+        h.shutdown()
+    finally:
+        s2.stop()
