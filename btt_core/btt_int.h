@@ -44,6 +44,14 @@ struct flog_entry {
 	uint32_t lba, old_map, new_map, seq;
 };
 
+/* One cached 4 KiB page of an arena's map (btt.c, "the map and its cache"). */
+struct map_page {
+	pthread_mutex_t lock; /* held across the media read or write that fills or updates it */
+	bool held;            /* words hold map page `page` exactly as on the media */
+	uint32_t page;
+	uint32_t *words;      /* BTT_PG_SIZE / 4 raw map entries, allocated on first use */
+};
+
 struct arena {
 	struct btt_arena_layout lay; /* geometry; offsets relative to the arena */
 	struct btt_info info;         /* the primary info block as read or written */
@@ -64,7 +72,11 @@ struct arena {
 	 * and the premap's stripe; read under the stripe. */
 	_Atomic uint64_t stage[STAGE_SLOTS];
 	_Atomic uint32_t nvisible; /* published staged entries (readers skip lookups at 0) */
-	_Atomic uint64_t mapseq;   /* bumped after every on-media map write */
+	uint16_t stage_used[STAGE_SLOTS]; /* slots taken since the last reset (under elock) */
+	uint32_t nstage_used;      /* above STAGE_SLOTS: the list overflowed, clear them all */
+	_Atomic uint32_t readers;  /* threads inside read_run (writers skip the RTT scan at 0) */
+	struct map_page *mcache;   /* direct-mapped: map page i lives in slot i % mc_slots */
+	uint32_t mc_slots;         /* a power of two */
 };
 
 struct btt {
