@@ -431,6 +431,12 @@ class Btt:
     def __del__(self):
         if getattr(self, "_ptr", None) is None:
             return
+        if self._io._ptr is None or (self._journal is not None and self._journal._ptr is None):
+            # The images were finalized first (a reference cycle, e.g. a failed test's
+            # traceback, is finalized in any order): committing to them would touch freed
+            # memory, so the engine is leaked instead.
+            self._ptr = None
+            return
         try:
             self.close()
         except OSError:
