@@ -6,9 +6,16 @@ Python pass-through plugin with our thread model (tools/passthrough_plugin.py), 
 our raw export, and our BTT export with durability none, group and strict. Each runs the
 fio matrix below on a backing file on tmpfs and on a disk-backed directory. Results: JSON,
 a markdown table with ratios, a PNG chart (when matplotlib is present), written to
-docs/benchmarks.md and docs/bench/. Machines here are noisy: compare ratios within a run.
+docs/benchmarks.md and docs/bench/. Machines here are noisy: compare ratios within a run,
+and use --rounds to alternate the servers several times (medians are reported).
 
-Usage: tools/bench.py [--runtime S] [--repeat N] [--quick] [--only SERVER,...] [--no-disk]
+Every server starts from a fully cached backing file (it is read once first): these VMs
+page out file pages idle for about a minute (DAMON reclaim), so without that the servers
+measured late in a run read a colder file than the early ones, and a disk-backed BTT,
+measured after four other servers, was mostly read from the disk.
+
+Usage: tools/bench.py [--runtime S] [--repeat N] [--rounds N] [--quick] [--only SERVER,...]
+                      [--jobs JOB,...] [--no-tmpfs] [--no-disk] [--no-scale] [--plugin PATH]
 """
 from __future__ import annotations
 
@@ -41,7 +48,8 @@ JOBS = {
 }
 
 
-def servers(raw: str, btt: str, sock: str, threadmodel: str) -> dict[str, list[str]]:
+def servers(raw: str, btt: str, sock: str, threadmodel: str,
+            plugin: str = PLUGIN) -> dict[str, list[str]]:
     nbdkit = ["nbdkit", "--foreground", "--unix", sock]
     return {
         "nbdkit-file": nbdkit + ["file", raw],
@@ -49,10 +57,10 @@ def servers(raw: str, btt: str, sock: str, threadmodel: str) -> dict[str, list[s
                                         f"threadmodel={threadmodel}"],
         "qemu-nbd": ["qemu-nbd", "--socket", sock, "--format", "raw", "--persistent",
                      "--shared", "8", "--cache", "writeback", raw],
-        "ours-raw": nbdkit + ["python", PLUGIN, f"region={raw}"],
-        "ours-btt-none": nbdkit + ["python", PLUGIN, f"region={btt}", "durability=none"],
-        "ours-btt-group": nbdkit + ["python", PLUGIN, f"region={btt}", "durability=group"],
-        "ours-btt-strict": nbdkit + ["python", PLUGIN, f"region={btt}", "durability=strict"],
+        "ours-raw": nbdkit + ["python", plugin, f"region={raw}"],
+        "ours-btt-none": nbdkit + ["python", plugin, f"region={btt}", "durability=none"],
+        "ours-btt-group": nbdkit + ["python", plugin, f"region={btt}", "durability=group"],
+        "ours-btt-strict": nbdkit + ["python", plugin, f"region={btt}", "durability=strict"],
     }
 
 
@@ -62,6 +70,26 @@ def emit(results: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def cached_fraction(path: str) -> float | None:
+    """How much of path is in the page cache (util-linux fincore), or None."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                             capture_output=True, text=True, check=True).stdout
+        return round(int(out.split()[0]) / max(os.path.getsize(path), 1), 3)
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+def warm(path: str) -> None:
+    """Reads path once, so that the server about to start finds it all in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
 
 
 def start(argv: list[str], sock: str) -> subprocess.Popen:
@@ -129,25 +157,36 @@ def prepare(dirpath: str) -> tuple[str, str]:
 def run_matrix(where: str, dirpath: str, args) -> dict:
     raw, btt = prepare(dirpath)
     sock = os.path.join(dirpath, "s.sock")
+    argvs = servers(raw, btt, sock, args.threadmodel, args.plugin)
+    names = [n for n in argvs if not args.only or n in args.only]
+    jobs = {j: JOBS[j] for j in (args.jobs or JOBS)}
+    runs = {n: {j: [] for j in jobs} for n in names}
+    extra = {n: {"rss_mib": [], "page_cache_before_warm": []} for n in names}
+    for rnd in range(args.rounds):
+        for name in names:
+            backing = btt if "btt" in name else raw
+            size = os.path.getsize(raw) if "btt" not in name else None
+            os.sync()  # the previous server's dirty pages are not this one's writeback to pay
+            extra[name]["page_cache_before_warm"].append(cached_fraction(backing))
+            warm(backing)
+            p = start(argvs[name], sock)
+            try:
+                for job_name, job in jobs.items():
+                    for _ in range(args.repeat):
+                        r = fio(sock, job, args.runtime, (size or SIZE) * 9 // 10, dirpath)
+                        runs[name][job_name].append(r)
+                    print(f"  [{where} {rnd + 1}/{args.rounds}] {name:20} {job_name:24} "
+                          f"{r['iops']:10.0f} IOPS {r['lat_us']:8.1f} us", file=sys.stderr)
+                extra[name]["rss_mib"].append(rss_mib(p.pid))
+            finally:
+                stop(p)
     results = {}
-    for name, argv in servers(raw, btt, sock, args.threadmodel).items():
-        if args.only and name not in args.only:
-            continue
-        size = os.path.getsize(raw) if "btt" not in name else None
-        os.sync()  # the previous server's dirty pages are not this one's writeback to pay
-        p = start(argv, sock)
-        try:
-            res = {}
-            for job_name, job in JOBS.items():
-                runs = [fio(sock, job, args.runtime, (size or SIZE) * 9 // 10, dirpath)
-                        for _ in range(args.repeat)]
-                res[job_name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                print(f"  [{where}] {name:20} {job_name:24} {res[job_name]['iops']:10.0f} IOPS "
-                      f"{res[job_name]['lat_us']:8.1f} us", file=sys.stderr)
-            res["rss_mib"] = rss_mib(p.pid)
-            results[name] = res
-        finally:
-            stop(p)
+    for name in names:
+        res = {j: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+               for j, rs in runs[name].items()}
+        res["rss_mib"] = max(extra[name]["rss_mib"])
+        res["page_cache_before_warm"] = extra[name]["page_cache_before_warm"]
+        results[name] = res
     return results
 
 
@@ -162,7 +201,7 @@ def scale(args) -> dict:
             Btt.create(path, size=size, durability="none").close()
             sock = os.path.join(d, "s.sock")
             t = time.perf_counter()
-            p = start(["nbdkit", "--foreground", "--unix", sock, "python", PLUGIN,
+            p = start(["nbdkit", "--foreground", "--unix", sock, "python", args.plugin,
                        f"region={path}", "durability=none"], sock)
             ready = time.perf_counter() - t
             try:
@@ -189,19 +228,24 @@ def markdown(all_results: dict, scale_res: dict | None, args) -> str:
              f"Latest `make bench` run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, "
              f"{_cpu_model()}, Linux {platform.release()}; fio runtime {args.runtime} s, "
-             f"median of {args.repeat}; thread model {args.threadmodel}. IOPS (128k rows: MB/s).",
+             f"median of {args.repeat} x {args.rounds} round(s), servers alternating; thread "
+             f"model {args.threadmodel}; each server starts from a fully cached backing file. "
+             "IOPS (128k rows: MB/s).",
              ""]
     for where, results in all_results.items():
         servers_ = list(results)
         lines += [f"## Backing file on {where}", "",
                   "| job | " + " | ".join(servers_) + " |",
                   "|---|" + "---|" * len(servers_)]
-        for job in JOBS:
+        for job in _jobs(results):
             key = "bw_MBps" if "128k" in job else "iops"
             cells = [f"{results[s][job][key]:.0f}" for s in servers_]
             lines.append(f"| {job} | " + " | ".join(cells) + " |")
         lines.append("| server RSS (MiB) | " + " | ".join(f"{results[s]['rss_mib']:.0f}"
                                                          for s in servers_) + " |")
+        lines.append("| page cache before warming | " + " | ".join(
+            "/".join(f"{f:.0%}" if f is not None else "?" for f in
+                     results[s].get("page_cache_before_warm", [])) for s in servers_) + " |")
         lines += ["", "Ratios (targets from issue 7):", ""]
         checks = [
             ("BTT randread 4k QD16 / python-passthrough (>= 0.9)", "ours-btt-none",
@@ -235,7 +279,8 @@ def markdown(all_results: dict, scale_res: dict | None, args) -> str:
                          f"{r['randread_4k_qd16_iops']} |")
         lines += ["", f"IOPS ratio 1 TiB / 1 GiB: {scale_res['iops_ratio_1TiB_vs_1GiB']} "
                   "(target: within 10%)", ""]
-    lines += ["Raw data: `docs/bench/latest.json`; chart: `docs/bench/chart.png`.", ""]
+    json_name, png_name = (args.name, args.name) if args.name else ("latest", "chart")
+    lines += [f"Raw data: `docs/bench/{json_name}.json`; chart: `docs/bench/{png_name}.png`.", ""]
     return "\n".join(lines)
 
 
@@ -250,6 +295,11 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+def _jobs(results: dict) -> list[str]:
+    """The jobs of JOBS that every server in results ran (--jobs may pick a subset)."""
+    return [j for j in JOBS if all(j in r for r in results.values())]
+
+
 def chart(all_results: dict, path: str) -> bool:
     try:
         import matplotlib
@@ -260,14 +310,14 @@ def chart(all_results: dict, path: str) -> bool:
         return False
     fig, axes = plt.subplots(len(all_results), 1, figsize=(12, 5 * len(all_results)), squeeze=False)
     for ax, (where, results) in zip(axes[:, 0], all_results.items()):
-        servers_ = list(results)
+        servers_, jobs = list(results), _jobs(results)
         width = 0.8 / len(servers_)
         for i, s in enumerate(servers_):
             ref = results.get("nbdkit-file") or results[servers_[0]]
-            vals = [results[s][j]["iops"] / max(ref[j]["iops"], 1) for j in JOBS]
-            ax.bar([k + i * width for k in range(len(JOBS))], vals, width, label=s)
-        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(JOBS))])
-        ax.set_xticklabels(list(JOBS), rotation=20, fontsize=8)
+            vals = [results[s][j]["iops"] / max(ref[j]["iops"], 1) for j in jobs]
+            ax.bar([k + i * width for k in range(len(jobs))], vals, width, label=s)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(jobs))])
+        ax.set_xticklabels(jobs, rotation=20, fontsize=8)
         ax.set_ylabel("relative to nbdkit file plugin")
         ax.set_title(f"backing file on {where}")
         ax.legend(fontsize=7)
@@ -279,7 +329,13 @@ def chart(all_results: dict, path: str) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", type=float, default=5)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="fio runs per job in a row")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="passes over all servers, alternating them (noisy hosts)")
+    ap.add_argument("--jobs", type=lambda s: s.split(","), default=None,
+                    help="a subset of: " + ", ".join(JOBS))
+    ap.add_argument("--no-tmpfs", action="store_true")
+    ap.add_argument("--plugin", default=PLUGIN, help="the nbdkit entry script of our rows")
     ap.add_argument("--quick", action="store_true", help="2 s per job, tmpfs only, no scale run")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None)
     ap.add_argument("--no-disk", action="store_true")
@@ -287,6 +343,9 @@ def main():
     ap.add_argument("--threadmodel", default="serialize_all")
     ap.add_argument("--disk-dir", default=os.path.join(ROOT, "var"))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    ap.add_argument("--name", default=None,
+                    help="write OUT/bench/NAME.{json,md,png} instead of the latest full run's "
+                         "files (the default for partial runs: 'partial')")
     args = ap.parse_args()
     if args.quick:
         args.runtime, args.no_disk, args.no_scale = 2, True, True
@@ -295,19 +354,27 @@ def main():
             sys.exit(f"bench: {tool} is not installed (make deps)")
     os.makedirs(args.disk_dir, exist_ok=True)
     all_results = {}
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
-        all_results["tmpfs"] = run_matrix("tmpfs", d, args)
+    if args.jobs and not set(args.jobs) <= set(JOBS):
+        sys.exit(f"bench: unknown job in {args.jobs}; known: {', '.join(JOBS)}")
+    if not args.no_tmpfs:
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+            all_results["tmpfs"] = run_matrix("tmpfs", d, args)
     if not args.no_disk:
         with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
             all_results["disk"] = run_matrix("disk", d, args)
     scale_res = None if args.no_scale else scale(args)
-    os.makedirs(os.path.join(args.out, "bench"), exist_ok=True)
-    with open(os.path.join(args.out, "bench", "latest.json"), "w") as f:
+    partial = bool(args.jobs or args.only or args.no_tmpfs or args.no_disk or args.no_scale)
+    name = args.name = args.name or ("partial" if partial else None)  # never over the full run
+    bench_dir = os.path.join(args.out, "bench")
+    os.makedirs(bench_dir, exist_ok=True)
+    with open(os.path.join(bench_dir, f"{name or 'latest'}.json"), "w") as f:
         json.dump({"results": all_results, "scale": scale_res, "runtime": args.runtime,
-                   "repeat": args.repeat, "threadmodel": args.threadmodel}, f, indent=2)
-    chart(all_results, os.path.join(args.out, "bench", "chart.png"))
+                   "repeat": args.repeat, "rounds": args.rounds, "threadmodel": args.threadmodel,
+                   "jobs": args.jobs or list(JOBS)}, f, indent=2)
+    chart(all_results, os.path.join(bench_dir, f"{name or 'chart'}.png"))
     md = markdown(all_results, scale_res, args)
-    with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
+    with open(os.path.join(bench_dir, f"{name}.md") if name else
+              os.path.join(args.out, "benchmarks.md"), "w") as f:
         f.write(md)
     print(md)
 
