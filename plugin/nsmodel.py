@@ -195,7 +195,9 @@ class MemoryMedia:
         if (offset, version) in self.damaged:
             raise NdError(errno.EUCLEAN, f"BTT {version} at offset {offset} is damaged")
         info = self.btts.get((offset, version))
-        return dict(info) if info else None
+        if not info or info.get("raw_size", 0) > size:
+            return None  # as on a file: an arena past the (shrunk) namespace's end is no BTT
+        return {k: v for k, v in info.items() if k != "raw_size"}
 
     def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
                sector_size: int) -> dict:
@@ -203,8 +205,8 @@ class MemoryMedia:
         nlba = (size - size // 64 - BTT_INFO_OFFSET[version] - 8 * KiB) // sector_size
         info = {"version": version, "uuid": uuid, "parent_uuid": parent_uuid,
                 "sector_size": sector_size, "size": nlba * sector_size}
-        self.btts[(offset, version)] = info
-        return dict(info)
+        self.btts[(offset, version)] = dict(info, raw_size=size)
+        return info
 
     def erase_btt(self, offset: int, size: int) -> None:
         """Every BTT info block of the namespace [offset, offset+size) is gone."""
