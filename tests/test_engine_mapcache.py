@@ -27,7 +27,8 @@ def map_writes(records, arena):
 @pytest.mark.parametrize("durability", ["none", "group"])
 def test_colliding_map_pages_read_back_a_model(durability):
     """More map pages than cache slots (512-byte sectors, 1,200 pages on one arena): pages
-    i and i + 1024 share a slot, so they evict each other at every step."""
+    i and i + 1024 share a slot, so one is cached and the other read and written around
+    the cache, interleaved at every step."""
     io, b = mem_btt(size=600 * MiB, sector_size=512, durability=durability)
     ss, nlba = b.sector_size, b.nlba
     assert nlba > 1100 * WORDS

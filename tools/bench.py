@@ -371,7 +371,8 @@ def main():
         json.dump({"results": all_results, "scale": scale_res, "runtime": args.runtime,
                    "repeat": args.repeat, "rounds": args.rounds, "threadmodel": args.threadmodel,
                    "jobs": args.jobs or list(JOBS)}, f, indent=2)
-    chart(all_results, os.path.join(bench_dir, f"{name or 'chart'}.png"))
+    if all_results:
+        chart(all_results, os.path.join(bench_dir, f"{name or 'chart'}.png"))
     md = markdown(all_results, scale_res, args)
     with open(os.path.join(bench_dir, f"{name}.md") if name else
               os.path.join(args.out, "benchmarks.md"), "w") as f:
