@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 from btt_core import Btt, BttError, Io
 
@@ -33,6 +34,11 @@ class RawBackend:
         self.sector_size = sector_size
         self.uuid = ""
         self.zero_flag = False
+        # The Io (hole punching) has its own descriptor and C memory: zero requests and
+        # close() take turns on this lock, so close never frees what a zero is using and no
+        # zero runs after close (it would reach the file the next backend serves).
+        self._zero_lock = threading.Lock()
+        self._closed = False
 
     def _check(self, offset: int, count: int) -> None:
         # nbdkit has already refused requests past the end of the export.
@@ -62,11 +68,14 @@ class RawBackend:
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         self._check(offset, count)
-        self.io.zero(self.offset + offset, count)  # a punched hole reads as zeros
-        if not may_trim:
-            # The client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE): fill the hole
-            # with allocated blocks that read as zeros, so a later write cannot hit ENOSPC.
-            os.posix_fallocate(self.fd, self.offset + offset, count)
+        with self._zero_lock:
+            if self._closed:
+                raise OSError(errno.ESHUTDOWN, "the namespace was disabled or reconfigured")
+            self.io.zero(self.offset + offset, count)  # a punched hole reads as zeros
+            if not may_trim:
+                # The client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE): fill the hole
+                # with allocated blocks that read as zeros, so a later write cannot hit ENOSPC.
+                os.posix_fallocate(self.fd, self.offset + offset, count)
         if fua:
             os.fdatasync(self.fd)
 
@@ -77,7 +86,9 @@ class RawBackend:
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, self.fd)
         os.close(null)
-        self.io.close()
+        with self._zero_lock:
+            self._closed = True
+            self.io.close()
 
     def __del__(self):
         try:

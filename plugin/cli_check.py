@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                         "(converts pre-4.15 images; crash-safe lane by lane)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--force", action="store_true",
-                   help="with a served namespace: disable it for the check and enable it again")
+                   help="with a served namespace: disable it for the check and enable it again "
+                        "(refused while NBD clients are connected)")
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser(
@@ -136,8 +137,13 @@ def _check_served(args) -> int:
         print(f"bttctl: {args.target} is enabled (EBUSY): disable it first "
               f"(bttctl disable-namespace {args.target}) or use --force", file=sys.stderr)
         return EXIT_USAGE
+    if enabled and ns.get("clients"):
+        print(f"bttctl: {args.target} has {ns['clients']} connected NBD client(s) (EBUSY): "
+              "disconnect them, or cut them off with disable-namespace --force first",
+              file=sys.stderr)
+        return EXIT_USAGE
     if enabled:
-        reply = call(control, {"op": "disable-namespace", "namespace": ns["dev"], "force": True})
+        reply = call(control, {"op": "disable-namespace", "namespace": ns["dev"]})
         if not reply["ok"]:
             print(f"bttctl: cannot disable {args.target}: {reply['error']}", file=sys.stderr)
             return EXIT_IO

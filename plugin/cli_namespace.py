@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     p = _verb(subparsers, "create-namespace", "create (or with -e, reconfigure) a namespace",
               "Carve a namespace from a labelled region's free space and enable it. In "
               "sector mode a BTT claims it (every sector write atomic). With -e, replace an "
-              "existing namespace: its data is NOT kept (the first 8 KiB are zeroed).")
+              "existing namespace: its contents are NOT kept (its info blocks are erased and "
+              "a new BTT starts empty; the old bytes are not scrubbed).")
     p.add_argument("-m", "--mode", choices=["sector", "safe", "raw"], default=None,
                    help="sector (default; alias safe) or raw")
     p.add_argument("-l", "--sector-size", type=int, default=None, choices=[512, 4096],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import sys
 import threading
 
@@ -23,6 +24,8 @@ from btt_core import BttError
 from plugin.backends import RAW_SECTOR, RawBackend, SectorBackend
 from plugin.labels import LabelArea, LabelError
 from plugin.nsmodel import AreaStore, FileMedia, NdError, NoLabels, Region
+
+DEVICE_NAME = re.compile(r"(namespace|btt|region)\d+(\.\d+)?$")
 
 
 def lock_region(path: str) -> int:
@@ -173,17 +176,29 @@ class Registry:
                     exp.key = key
                 exp.alias = ns.alt_name if exp.key is not None else ""
         for name in [n for n in self.exports if n not in live]:
-            self._close(self.exports[name])
-            if not self.exports[name].clients:
-                del self.exports[name]
-        names = {}
-        for exp in self.exports.values():
-            if exp.key is not None and exp.name in live:
-                names[exp.name] = exp
-                if exp.alias:
-                    names.setdefault(exp.alias, exp)
+            # Gone (destroyed): its connections keep their own Export object, and a new
+            # namespace under this name starts from a fresh one, with no clients.
+            self._close(self.exports.pop(name))
+        enabled = [exp for exp in self.exports.values() if exp.key is not None]
+        names = {exp.name: exp for exp in enabled}
+        # An alias never takes a device name (namespaceR.M, even a disabled one's) and stays
+        # with the namespace that had it while that one is enabled, so a client that
+        # reconnects by name never silently reaches another disk.
+        aliased = sorted((exp for exp in enabled if exp.alias and
+                          not DEVICE_NAME.match(exp.alias)),
+                         key=lambda exp: self.names.get(exp.alias) is not exp)
+        for exp in aliased:
+            names.setdefault(exp.alias, exp)
         self.names = names  # one assignment: lookups never see a half-built table
         return errors
+
+    def forget(self, ns_name: str) -> None:
+        """A destroyed namespace's export record goes, with its connection count: whatever
+        is created under the name next starts afresh (its old clients stay cut off)."""
+        exp = self.exports.pop(ns_name, None)
+        if exp is not None:
+            self._close(exp)
+            self.names = {n: e for n, e in self.names.items() if e is not exp}
 
     @staticmethod
     def _undo_enable(region: Region, ns) -> None:

@@ -104,6 +104,19 @@ def parse_bool(text: str) -> bool:
     raise NdError(errno.EINVAL, f"{text!r} is not a boolean; valid: 1, 0, y, n, on, off")
 
 
+def check_alt_name(value: str) -> str:
+    """The alt_name to store: at most 63 bytes of UTF-8 (a 64-byte label field), no NUL."""
+    name = value.strip()
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:
+        raise NdError(errno.EINVAL, "alt_name must be valid UTF-8 text") from None
+    if len(encoded) > ALT_NAME_MAX or "\0" in name:
+        raise NdError(errno.EINVAL, f"alt_name is at most {ALT_NAME_MAX} bytes without NUL "
+                      f"(got {len(encoded)})")
+    return name
+
+
 def size_select(selected: int | None, choices) -> str:
     """'512 [4096]': the kernel's nd_size_select_show format."""
     return " ".join(f"[{c}]" if c == selected else str(c) for c in choices)
@@ -368,6 +381,7 @@ class Region:
         self.size = store.size
         self.labelled = store.labelled
         self.read_only = read_only
+        self.forced_read_only = read_only  # read-only media: writing read_only 0 is refused
         self.align = DEFAULT_ALIGN if self.size >= DEFAULT_ALIGN else PAGE
         self.enabled = False
         self.namespaces: dict[str, Namespace] = {}
@@ -615,7 +629,15 @@ class Region:
     # -- region attribute handlers
 
     def _set_read_only(self, value: str) -> None:
-        self.read_only = parse_bool(value)
+        read_only = parse_bool(value)
+        if not read_only and self.forced_read_only:
+            raise NdError(errno.EROFS, f"{self.name} is read-only for good: its file is not "
+                          "writable, or the server was started read-only")
+        self.read_only = read_only
+
+    def uuid_owner(self, value: uuidlib.UUID, ns_name: str) -> str | None:
+        """The device other than ns_name that uses uuid `value`, if any."""
+        return self._uuid_in_use(value, self.namespaces.get(ns_name))
 
     def _set_align(self, value: str) -> None:
         align = parse_u64(value)
@@ -682,11 +704,7 @@ class Region:
 
     def _set_ns_alt_name(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "alt_name")
-        name = value.strip()
-        if len(name.encode()) > ALT_NAME_MAX or "\0" in name:
-            raise NdError(errno.EINVAL, f"alt_name is at most {ALT_NAME_MAX} bytes "
-                          f"(got {len(name.encode())})")
-        self._change(ns, alt_name=name)
+        self._change(ns, alt_name=check_alt_name(value))
 
     def _set_ns_sector_size(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "sector_size")

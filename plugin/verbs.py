@@ -21,11 +21,13 @@ clients' next requests fail.
 from __future__ import annotations
 
 import errno
+import re
 import uuid as uuidlib
 
 from plugin.nsmodel import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
-                            parse_uuid)
+                            check_alt_name, parse_uuid)
 
+BTT_NAME = re.compile(r"btt\d+\.\d+$")  # a btt device, not an alt_name that starts so
 WIRE_SECTOR_SIZES = (512, 4096)  # NBD has no integrity channel for 520/528/41xx sectors
 MODES = {"sector": "sector", "safe": "sector", "raw": "raw"}
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -34,8 +36,11 @@ SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # ---- request fields ---------------------------------------------------------------------------
 
 def _field(req: dict, key: str, kind, default=None):
-    value = req.get(key, default)
-    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+    """req[key] checked against `kind`; missing or null means `default`."""
+    value = req.get(key)
+    if value is None:
+        return default
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
     raise NdError(errno.EINVAL, f"{key!r} must be {names}, not {type(value).__name__}")
@@ -87,10 +92,12 @@ def configured_mode(region, ns) -> str:
         return "sector"
     version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
     if version and not ns.force_raw and ns.size:
-        try:
-            return "sector" if region.media.probe(ns.offset, ns.size, version) else "raw"
+        versions = [version, "2.0"] if ns.claim_class == "none" else [version]
+        try:  # the versions an enable would look for (nsmodel's _bind_namespace)
+            found = any(region.media.probe(ns.offset, ns.size, v) for v in versions)
         except OSError:
             return "sector"  # a damaged BTT is still a BTT
+        return "sector" if found else "raw"
     return "raw"
 
 
@@ -142,7 +149,7 @@ def _target(registry, req: dict, key: str = "namespace"):
     name = _field(req, key, str)
     if not name:
         raise NdError(errno.EINVAL, f"{key!r} is required, e.g. namespace0.0")
-    if name.startswith("btt"):
+    if BTT_NAME.match(name):
         region = registry.region_of(name)
         btt = region.device(name)
         if btt.ndns is None:
@@ -238,7 +245,7 @@ def op_set(registry, req):
         raise NdError(errno.EINVAL, "'value' is required (text, as written to sysfs)")
     region = registry.region_of(path.split("/")[0])
     if path == f"{region.name}/read_only":  # the only write that changes live exports
-        _refuse_if_clients(registry, region.namespaces, bool(req.get("force")), path)
+        _refuse_if_clients(registry, region.namespaces, _field(req, "force", bool, False), path)
     region.set(path, value)
     _sync(registry, set(region.namespaces))
     return region.get(path)
@@ -247,7 +254,7 @@ def op_set(registry, req):
 def op_enable(registry, req):
     name = _field(req, "namespace", str) or ""
     region, ns = _target(registry, req)
-    if name.startswith("btt"):  # a btt configured by hand: bind it (EBUSY if ns is raw)
+    if BTT_NAME.match(name):  # a btt configured by hand: bind it (EBUSY if ns is raw)
         if not region.device(name).bound:
             region.bind(name)
     elif not ns.active_mode:
@@ -258,7 +265,7 @@ def op_enable(registry, req):
 
 def op_disable(registry, req):
     region, ns = _target(registry, req)
-    _refuse_if_clients(registry, [ns.name], bool(req.get("force")), "disable-namespace")
+    _refuse_if_clients(registry, [ns.name], _field(req, "force", bool, False), "disable-namespace")
     _disable(region, ns)
     _sync(registry, ())
     return describe_namespace(registry, region, ns)
@@ -322,7 +329,7 @@ def op_create(registry, req):
         region.media.erase_btt(ns.offset, ns.size)  # no stale BTT may be autodetected
         _bind(region, ns, mode, sector_size)
         _sync(registry, {ns.name})
-    except OSError:
+    except Exception:  # any failure: no label or claim may stay behind
         _undo_create(region, ns)
         _sync(registry, ())
         raise
@@ -337,7 +344,7 @@ def _victim(registry, req, key: str, verb: str):
         raise NdError(errno.ENXIO, f"{ns.name} is a seed: there is nothing to {verb} (use "
                       "create-namespace)")
     _refuse_read_only(region, verb)
-    force = bool(req.get("force"))
+    force = _field(req, "force", bool, False)
     if ns.active_mode and not force:
         raise NdError(errno.EBUSY, f"{verb}: {ns.name} is enabled and its data would be "
                       "lost: disable it first, or use --force")
@@ -346,7 +353,8 @@ def _victim(registry, req, key: str, verb: str):
 
 
 def op_reconfig(registry, req):
-    """create-namespace -e: a new namespace in the old one's place. Data is not kept."""
+    """create-namespace -e: a new namespace in the old one's place. Its contents are not
+    kept (the BTT is new; the old bytes are not scrubbed, as with ndctl)."""
     region, ns = _victim(registry, req, "reconfig", "create-namespace -e")
     old = describe_namespace(registry, region, ns)
     mode = _mode(_field(req, "mode", str, old["mode"]))
@@ -363,17 +371,22 @@ def op_reconfig(registry, req):
         region.check_size(ns.name, size)
     _check_claim_size(mode, size, version)
     new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
+    # Everything that could refuse is checked before the old namespace is touched.
+    name = check_alt_name(name)
+    owner = region.uuid_owner(new_uuid, ns.name)
+    if owner:
+        raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
 
     _disable(region, ns)
     _sync(registry, ())
     region.set(f"{ns.name}/force_raw", "0")
-    region.media.erase_btt(ns.offset, ns.size)
-    if ns.kind == "pmem":
+    if ns.kind == "pmem":  # the new label first: if it cannot be written, nothing is erased
         region.set(f"{ns.name}/uuid", str(new_uuid))
         region.set(f"{ns.name}/alt_name", name)
         region.set(f"{ns.name}/sector_size", str(sector_size))
         region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
         region.set(f"{ns.name}/size", str(size))
+    region.media.erase_btt(ns.offset, ns.size)
     _bind(region, ns, mode, sector_size)
     _sync(registry, {ns.name})
     return describe_namespace(registry, region, ns)
@@ -386,6 +399,7 @@ def op_destroy(registry, req):
     region.media.erase_btt(ns.offset, ns.size)  # no autodetect finds it again
     if ns.kind == "pmem":
         region.set(f"{ns.name}/size", "0")  # frees the capacity and deletes the label
+    registry.forget(ns.name)
     _sync(registry, ())
     return {"dev": ns.name, "destroyed": True}
 

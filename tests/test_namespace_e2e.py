@@ -406,3 +406,30 @@ def test_kill_9_loses_no_acknowledged_write_in_a_namespace_further_in(served, tm
         h.shutdown()
     finally:
         s2.stop()
+
+
+def test_a_destroyed_namespaces_clients_do_not_haunt_its_successor(served):
+    """Review finding: the connection count of a force-destroyed namespace stayed on its
+    name, so the next namespace under that name refused disable with EBUSY."""
+    s, ctl, region = served
+    ctl.ok("create-namespace", "--size", "32M", "-m", "raw")
+    h = connect(s, "namespace0.0")
+    ctl.ok("destroy-namespace", "-f", "namespace0.0")
+    again = ctl.ok("create-namespace", "--size", "32M", "-m", "raw")
+    assert (again["dev"], again["clients"]) == ("namespace0.0", 0)
+    ctl.ok("disable-namespace", "namespace0.0")
+    with pytest.raises(nbd.Error):  # the old client stays cut off
+        h.pread(4096, 0)
+    h.shutdown()
+
+
+def test_check_namespace_force_leaves_connected_clients_alone(served):
+    s, ctl, region = served
+    ctl.ok("create-namespace", "--size", "32M", "--name", "db")
+    h = connect(s, "db")
+    p = ctl.run("check-namespace", "db", "--force")
+    assert p.returncode == EXIT_USAGE and "EBUSY" in p.stderr and "connected" in p.stderr
+    h.pwrite(pattern(3, 0, 4096), 0)  # still served
+    h.shutdown()
+    p = ctl.run("check-namespace", "db", "--force")
+    assert p.returncode == 0, p.stdout + p.stderr

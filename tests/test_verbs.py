@@ -327,3 +327,82 @@ def test_claim_by_hand_like_sysfs(region_file):
         assert do("get", path="namespace0.0/mode") == "safe"
         registry.regions[0].check_invariants()
     assert probe(region_file, offset=0, size=32 * MiB, version="1.1")["sector_size"] == 512
+
+
+# ---- found by review: each of these failed before its fix ----------------------------------
+
+def test_reconfig_refuses_before_it_destroys_anything(region_file):
+    db = ok(region_file, op="create-namespace", size="64M", name="db")
+    other = ok(region_file, op="create-namespace", size="64M", mode="raw", name="raw1")
+    for bad in ({"name": "x" * 64}, {"uuid": other["raw_uuid"]}, {"name": "\ud800"},
+                {"force": "false"}):
+        reply = call_offline([region_file], {"op": "create-namespace", "reconfig": "db",
+                                             "force": True, **bad})
+        assert not reply["ok"] and reply["errno"] == "EINVAL", (bad, reply)
+        (still,) = [n for n in ok(region_file, op="list") if n.get("name") == "db"]
+        assert still["raw_uuid"] == db["raw_uuid"] and still["mode"] == "sector"
+        assert probe(region_file, offset=0, size=64 * MiB, version="2.0")["uuid"] == db["uuid"]
+    # null means "not given", as for a missing field
+    again = ok(region_file, op="create-namespace", reconfig="raw1", name=None, force=True)
+    assert again["name"] == "raw1"
+
+
+def test_create_with_an_unencodable_name_leaves_nothing(region_file):
+    refused(region_file, errno.EINVAL, op="create-namespace", size="32M", name="\ud800")
+    ns = ok(region_file, op="create-namespace", size="32M", name="ok")
+    assert ns["dev"] == "namespace0.0" and len(labels(region_file)) == 1
+
+
+def test_a_read_only_server_cannot_be_made_writable(region_file):
+    ok(region_file, op="create-namespace", size="32M")
+    registry = Registry({"readonly": "on"}, serving=False)
+    registry.add_region(region_file)
+    with pytest.raises(NdError) as e:
+        handle(registry, {"op": "set", "path": "region0/read_only", "value": "0"})
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(NdError) as e:
+        handle(registry, {"op": "destroy-namespace", "namespace": "namespace0.0"})
+    assert e.value.errno == errno.EROFS
+
+
+def test_aliases_never_take_a_device_name_and_stay_put(region_file):
+    ok(region_file, op="create-namespace", size="32M", name="namespace0.1", mode="raw")
+    ok(region_file, op="create-namespace", size="32M", name="twin", mode="raw")
+    ok(region_file, op="create-namespace", size="32M", name="twin", mode="raw")
+    with offline([region_file]) as registry:
+        def enable(name):
+            handle(registry, {"op": "enable-namespace", "namespace": name})
+
+        enable("namespace0.0")
+        assert "namespace0.1" not in registry.names  # the alias of namespace0.0 may not
+        enable("namespace0.2")
+        assert registry.names["twin"].name == "namespace0.2"
+        enable("namespace0.1")  # holds "twin" too, and comes first: the alias stays put
+        assert registry.names["twin"].name == "namespace0.2"
+        assert registry.names["namespace0.1"].name == "namespace0.1"
+
+
+def test_alt_names_starting_with_btt_are_handles_too(region_file):
+    ok(region_file, op="create-namespace", size="32M", name="btt-x", mode="raw")
+    assert ok(region_file, op="enable-namespace", namespace="btt-x")["dev"] == "namespace0.0"
+
+
+def test_list_and_enable_agree_on_a_btt_2_0_without_a_claim_class(tmp_path):
+    path = str(tmp_path / "plain.img")
+    Btt.create(path, size=64 * MiB, version="2.0").close()
+    assert ok(path, op="list")[0]["mode"] == "sector"
+    assert ok(path, op="enable-namespace", namespace="namespace0.0")["mode"] == "sector"
+
+
+def test_raw_zero_after_close_is_refused(tmp_path):
+    from plugin.backends import RawBackend
+    path = str(tmp_path / "raw.img")
+    with open(path, "wb") as f:
+        f.write(b"\xab" * (1 * MiB))
+    b = RawBackend(path, 0, 1 * MiB, readonly=False)
+    b.close()
+    with pytest.raises(OSError) as e:
+        b.zero(4096, 0, True, False)
+    assert e.value.errno == errno.ESHUTDOWN
+    with open(path, "rb") as f:
+        assert f.read(4096) == b"\xab" * 4096
