@@ -76,8 +76,9 @@ class Export:
     def path(self) -> str:
         return self.region.path
 
-    def description(self) -> str:
-        b = self.backend
+    def description(self, backend=None) -> str:
+        """What is served; `backend` (a connection's own) instead of the current one."""
+        b = backend or self.backend
         if b is None:
             return f"{self.name}: disabled"
         desc = f"{b.mode} mode, {b.sector_size}-byte sectors, {b.size} bytes"

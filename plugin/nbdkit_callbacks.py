@@ -165,7 +165,7 @@ def close(h):
 
 
 def export_description(h):
-    return h.export.description()
+    return h.export.description(h.backend)
 
 
 def get_size(h):
