@@ -120,14 +120,27 @@ class Registry:
 
     def namespace(self, name: str):
         """(region, namespace) by namespace name or alt_name; ENODEV names what exists."""
-        for field in ("name", "alt_name"):  # a namespace's own name wins over an alt_name
-            for region in self.regions:
-                for ns in region.namespaces.values():
-                    if name and name == getattr(ns, field):
-                        return region, ns
+        for region in self.regions:
+            if name in region.namespaces:  # a namespace's own name wins over an alt_name
+                return region, region.namespaces[name]
+        holders = self._alt_name_holders().get(name, [])
+        if len(holders) == 1:
+            return holders[0]
+        if holders:
+            raise NdError(errno.EINVAL, f"alt_name {name!r} is shared by "
+                          f"{', '.join(ns.name for _, ns in holders)}: name the namespace")
         known = [ns.name for r in self.regions for ns in r.namespaces.values() if ns.configured]
         raise NdError(errno.ENODEV, f"no namespace {name!r}; namespaces: "
                       f"{', '.join(known) or 'none'}")
+
+    def _alt_name_holders(self) -> dict[str, list]:
+        """alt_name -> [(region, namespace)] over every configured namespace."""
+        out: dict[str, list] = {}
+        for region in self.regions:
+            for ns in region.namespaces.values():
+                if ns.alt_name and ns.configured:
+                    out.setdefault(ns.alt_name, []).append((region, ns))
+        return out
 
     def export_of(self, ns_name: str) -> Export | None:
         return self.exports.get(ns_name)
@@ -182,14 +195,14 @@ class Registry:
             self._close(self.exports.pop(name))
         enabled = [exp for exp in self.exports.values() if exp.key is not None]
         names = {exp.name: exp for exp in enabled}
-        # An alias never takes a device name (namespaceR.M, even a disabled one's) and stays
-        # with the namespace that had it while that one is enabled, so a client that
-        # reconnects by name never silently reaches another disk.
-        aliased = sorted((exp for exp in enabled if exp.alias and
-                          not DEVICE_NAME.match(exp.alias)),
-                         key=lambda exp: self.names.get(exp.alias) is not exp)
-        for exp in aliased:
-            names.setdefault(exp.alias, exp)
+        # An alias is exported only while exactly one namespace carries it, and never takes
+        # a device name (namespaceR.M, even a disabled one's): a client that reconnects by
+        # name, and a control request naming it, can never reach another disk.
+        unique = {alias for alias, holders in self._alt_name_holders().items()
+                  if len(holders) == 1 and not DEVICE_NAME.match(alias)}
+        for exp in enabled:
+            if exp.alias in unique:
+                names.setdefault(exp.alias, exp)
         self.names = names  # one assignment: lookups never see a half-built table
         return errors
 

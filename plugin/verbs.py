@@ -374,9 +374,10 @@ def op_reconfig(registry, req):
     # Everything that could refuse is checked before the old namespace is touched.
     name = check_alt_name(name)
     owner = region.uuid_owner(new_uuid, ns.name)
-    if owner:
+    if owner and owner != (ns.claim.name if ns.claim else None):  # that btt goes anyway
         raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
 
+    old_extent = (ns.offset, ns.size)
     _disable(region, ns)
     _sync(registry, ())
     region.set(f"{ns.name}/force_raw", "0")
@@ -386,7 +387,9 @@ def op_reconfig(registry, req):
         region.set(f"{ns.name}/sector_size", str(sector_size))
         region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
         region.set(f"{ns.name}/size", str(size))
-    region.media.erase_btt(ns.offset, ns.size)
+    region.media.erase_btt(*old_extent)  # the old BTT's backups lie at the old end
+    if (ns.offset, ns.size) != old_extent:
+        region.media.erase_btt(ns.offset, ns.size)
     _bind(region, ns, mode, sector_size)
     _sync(registry, {ns.name})
     return describe_namespace(registry, region, ns)

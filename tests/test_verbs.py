@@ -365,21 +365,43 @@ def test_a_read_only_server_cannot_be_made_writable(region_file):
     assert e.value.errno == errno.EROFS
 
 
-def test_aliases_never_take_a_device_name_and_stay_put(region_file):
+def test_aliases_never_take_a_device_name_nor_a_shared_name(region_file):
     ok(region_file, op="create-namespace", size="32M", name="namespace0.1", mode="raw")
     ok(region_file, op="create-namespace", size="32M", name="twin", mode="raw")
     ok(region_file, op="create-namespace", size="32M", name="twin", mode="raw")
     with offline([region_file]) as registry:
-        def enable(name):
-            handle(registry, {"op": "enable-namespace", "namespace": name})
+        def do(op, name):
+            return handle(registry, {"op": op, "namespace": name})
 
-        enable("namespace0.0")
-        assert "namespace0.1" not in registry.names  # the alias of namespace0.0 may not
-        enable("namespace0.2")
-        assert registry.names["twin"].name == "namespace0.2"
-        enable("namespace0.1")  # holds "twin" too, and comes first: the alias stays put
-        assert registry.names["twin"].name == "namespace0.2"
+        for name in ("namespace0.0", "namespace0.1", "namespace0.2"):
+            do("enable-namespace", name)
         assert registry.names["namespace0.1"].name == "namespace0.1"
+        # Two namespaces carry "twin": neither gets it, so a client reconnecting by that
+        # name, or a control request naming it, can never reach the other disk.
+        assert "twin" not in registry.names
+        with pytest.raises(NdError) as e:
+            do("disable-namespace", "twin")
+        assert e.value.errno == errno.EINVAL and "namespace0.1, namespace0.2" in str(e.value)
+        handle(registry, {"op": "destroy-namespace", "namespace": "namespace0.2",
+                          "force": True})
+        assert registry.names["twin"].name == "namespace0.1"  # unique again
+
+
+def test_reconfigure_shrink_erases_the_old_backup(region_file):
+    ok(region_file, op="create-namespace", size="64M", name="db")
+    ok(region_file, op="create-namespace", reconfig="db", size="32M", mode="raw")
+    with open(region_file, "rb") as f:
+        f.seek(64 * MiB - 4096)
+        assert f.read(16) != b"BTT_ARENA_INFO\0\0"
+
+
+def test_reconfigure_may_reuse_the_uuid_its_own_btt_had(region_file):
+    db = ok(region_file, op="create-namespace", size="32M", name="db")
+    with offline([region_file]) as registry:
+        handle(registry, {"op": "enable-namespace", "namespace": "db"})
+        again = handle(registry, {"op": "create-namespace", "reconfig": "db", "force": True,
+                                  "uuid": db["uuid"]})
+        assert again["raw_uuid"] == db["uuid"]
 
 
 def test_alt_names_starting_with_btt_are_handles_too(region_file):
