@@ -174,8 +174,9 @@ class Registry:
         live = set()
         for region in self.regions:
             for ns in list(region.namespaces.values()):
-                exp = self.exports.setdefault(ns.name, Export(region, ns.name))
-                exp.region = region
+                exp = self.exports.get(ns.name)
+                if exp is None:
+                    exp = self.exports[ns.name] = Export(region, ns.name)
                 live.add(ns.name)
                 key, opener = self._wanted(region, ns)
                 if key != exp.key:

@@ -846,22 +846,32 @@ class Region:
                           "to reach the raw bytes, or write the matching uuid back")
         return info
 
+    @staticmethod
+    def autodetect_versions(ns: Namespace) -> list[str]:
+        """The BTT versions enabling `ns` looks for, in order: none with force_raw or a
+        pfn/dax/unknown claim class."""
+        version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
+        if ns.force_raw or version is None:
+            return []
+        if ns.claim_class == "none":
+            # Deviation: Linux looks only for a 1.1 here and would expose a BTT 2.0 at
+            # offset 0 raw, where the first write destroys it; we serve it.
+            return [version, "2.0"]
+        return [version]
+
     def _bind_namespace(self, ns: Namespace) -> str:
         """Rows 5, 6 and 15."""
         if ns.claim is not None:
             raise NdError(errno.ENXIO, f"{ns.name} is claimed by {ns.claim.name}; enable "
                           f"{ns.claim.name} instead")
         self._common_probe(ns)
-        version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
         info = None
-        if not ns.force_raw and version:
+        for version in self.autodetect_versions(ns):
             # Deviation: a damaged BTT (EUCLEAN from the probe) refuses the enable instead
             # of exposing the BTT's map and log raw.
             info = self._probe_btt(ns, version)
-            if info is None and ns.claim_class == "none":
-                # Deviation: Linux looks only for a 1.1 here and would expose a BTT 2.0 at
-                # offset 0 raw, where the first write destroys it; we serve it.
-                info = self._probe_btt(ns, "2.0")
+            if info is not None:
+                break
         was_seed = ns is self.namespace_seed
         if info is None:
             ns.bound = True

@@ -90,15 +90,12 @@ def configured_mode(region, ns) -> str:
         return ns.active_mode
     if ns.claim is not None or ns.claim_class in ("btt", "btt2"):
         return "sector"
-    version = BTT_VERSION_FOR_CLASS.get(ns.claim_class)
-    if version and not ns.force_raw and ns.size:
-        versions = [version, "2.0"] if ns.claim_class == "none" else [version]
-        try:  # the versions an enable would look for (nsmodel's _bind_namespace)
-            found = any(region.media.probe(ns.offset, ns.size, v) for v in versions)
-        except OSError:
-            return "sector"  # a damaged BTT is still a BTT
-        return "sector" if found else "raw"
-    return "raw"
+    versions = region.autodetect_versions(ns) if ns.size else []
+    try:  # exactly what an enable would look for
+        found = any(region.media.probe(ns.offset, ns.size, v) for v in versions)
+    except OSError:
+        return "sector"  # a damaged BTT is still a BTT
+    return "sector" if found else "raw"
 
 
 def describe_namespace(registry, region, ns) -> dict:
