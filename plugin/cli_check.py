@@ -14,7 +14,7 @@ import os
 import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
-from plugin.cli_namespace import DEFAULT_CONTROL
+from plugin.cli_namespace import DEFAULT_CONTROL, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
 EXIT_USAGE, EXIT_IO = 64, 74
@@ -54,12 +54,7 @@ def _target_args(p) -> None:
                    help="a region file (the whole file is one namespace unless --offset/--size), "
                         "or a namespace: of a running server (--control) or of a region file "
                         "(--region FILE)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--control", default=None,
-                       help="the server's control socket, when TARGET is a namespace name "
-                            "(default: var/nbd.ctl)")
-    where.add_argument("--region", dest="region_file", metavar="FILE", action="append",
-                       default=None, help="TARGET is a namespace of this region file (offline)")
+    where_args(p, "TARGET is a namespace of this region file (offline)")
     p.add_argument("--offset", type=int, default=0, help="namespace start in the file (bytes)")
     p.add_argument("--size", type=int, default=None, help="namespace size (bytes; default: to EOF)")
     p.add_argument("--btt-version", choices=["1.1", "2.0"], default=None,
@@ -101,11 +96,15 @@ def _served(args, lock: bool = True):
     """TARGET names a namespace of a running server (or, with --region, of a region file):
     where it lives, and its state."""
     from plugin.cli_namespace import run
-    reply = run(args, {"op": "list", "idle": True}, lock)
-    for ns in reply.get("result", []):
+    return _pick(args, run(args, {"op": "list", "idle": True}, lock).get("result", []))
+
+
+def _pick(args, listed: list[dict]) -> dict:
+    """The namespace TARGET names (by dev or alt_name) in a `list` result."""
+    for ns in listed:
         if args.target in (ns["dev"], ns.get("name")):
             return ns
-    names = ", ".join(n["dev"] for n in reply.get("result", [])) or "none"
+    names = ", ".join(n["dev"] for n in listed) or "none"
     where = "the region files" if args.region_file else "the server"
     raise FileNotFoundError(errno.ENOENT, f"{where} have no namespace {args.target} (they "
                             f"have: {names})")
@@ -114,9 +113,10 @@ def _served(args, lock: bool = True):
 def _check_offline_namespace(args) -> int:
     """check-namespace NS --region FILE: the file's lock is held for the whole check."""
     from plugin.cli_namespace import offline
+    from plugin.verbs import handle
     try:
-        ns = _served(args)
-        with offline(args.region_file):
+        with offline(args.region_file) as registry:  # one lock and one read, for the whole check
+            ns = _pick(args, handle(registry, {"op": "list", "idle": True}))
             args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
             return _check_file(args, locked=True)
     except OSError as e:

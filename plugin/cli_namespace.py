@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from plugin.control import request
+from plugin.control import error_reply, request
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
 EXIT_REFUSED, EXIT_USAGE = 1, 64
@@ -106,13 +106,23 @@ def register(subparsers) -> None:
 
 def _verb(subparsers, name: str, helptext: str, description: str):
     p = subparsers.add_parser(name, help=helptext, description=description)
+    where_args(p, "work offline on this region file (repeatable)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def where_args(p, region_help: str) -> None:
+    """--control SOCK or --region FILE: where a verb finds its namespaces (`run` reads them)."""
     where = p.add_mutually_exclusive_group()
     where.add_argument("--control", default=None,
                        help=f"a running server's control socket (default: {DEFAULT_CONTROL})")
     where.add_argument("--region", dest="region_file", metavar="FILE", action="append",
-                       default=None, help="work offline on this region file (repeatable)")
-    p.set_defaults(func=_run)
-    return p
+                       default=None, help=region_help)
+
+
+def error_text(err_name: str, text: str) -> str:
+    """'EBUSY: text', unless the text already starts with the errno's name."""
+    return text if text.startswith(err_name) else f"{err_name}: {text}"
 
 
 def _create_request(a) -> dict:
@@ -162,8 +172,7 @@ def call_offline(paths, req: dict, lock: bool = True) -> dict:
         try:
             return {"ok": True, "result": handle(registry, req)}
         except OSError as e:
-            return {"ok": False, "errno": errno.errorcode.get(e.errno, str(e.errno)),
-                    "error": e.strerror or str(e)}
+            return error_reply(req.get("id"), e.errno or errno.EIO, e.strerror or str(e))
 
 
 def run(args, req: dict, lock: bool = True) -> dict:
@@ -178,15 +187,12 @@ def _run(args) -> int:
     try:
         reply = run(args, req)
     except OSError as e:  # no server, no such file, or the region file is locked
-        name = errno.errorcode.get(e.errno, "")
-        text = e.strerror or str(e)
-        print(f"bttctl: {text if text.startswith(name) else f'{name}: {text}'}", file=sys.stderr)
+        print(f"bttctl: {error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
+              file=sys.stderr)
         return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
     if not reply.get("ok"):
-        message, name = reply.get("error", ""), reply.get("errno", "")
-        if not message.startswith(name):
-            message = f"{name}: {message}"
-        print(f"bttctl {req['op']}: {message}", file=sys.stderr)
+        print(f"bttctl {req['op']}: {error_text(reply.get('errno', ''), reply.get('error', ''))}",
+              file=sys.stderr)
         return EXIT_REFUSED
     result = reply["result"]
     if isinstance(result, str):
@@ -209,9 +215,8 @@ def cmd_create_region(args) -> int:
         LabelArea.create(args.file, size, label_size=label_size,
                          version=args.label_version).close()
     except OSError as e:
-        name = errno.errorcode.get(e.errno, "")
-        text = e.strerror or str(e)
-        print(f"bttctl create-region: {text if text.startswith(name) else f'{name}: {text}'}",
+        print(f"bttctl create-region: "
+              f"{error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
               file=sys.stderr)
         return EXIT_REFUSED
     result = {"file": os.path.abspath(args.file), "size": size, "label_size": label_size,
