@@ -68,3 +68,25 @@ def test_threads_overlapping_and_disjoint(tmpfile, durability):
     with Btt.open(tmpfile) as b2:  # the same data after close and reopen
         verify(b2)
         assert all(b2.read(lba, 1) == data for lba, data in last.items())
+
+
+def test_writers_waiting_for_one_commit_do_not_commit_again(tmpfile):
+    """16 writers run out of clean lanes together: the first commits, and the others, who
+    wanted the same epoch committed, must not each commit the few writes staged since."""
+    b = Btt.create(tmpfile, size=40 * MiB, durability="group")
+    nthreads, per_thread = 16, 256  # 4096 distinct LBAs: no conflicts, 256 lanes per epoch
+    buf = bytes(b.sector_size)
+    before = b.stats()["commits"]
+
+    def worker(t):
+        for i in range(per_thread):
+            b.write(t + nthreads * i, buf)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    commits = b.stats()["commits"] - before
+    b.close()
+    assert commits <= nthreads * per_thread // 256, commits
