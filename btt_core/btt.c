@@ -644,12 +644,12 @@ static uint32_t stage_hash(uint32_t premap)
 	return (premap * 0x9E3779B1u) >> 22; /* 10 bits: STAGE_SLOTS */
 }
 
-static int stage_find(struct arena *a, uint32_t premap)
+static int stage_find(struct arena *a, int t, uint32_t premap)
 {
 	uint64_t key = (uint64_t)premap + 1;
 
 	for (uint32_t i = 0, h = stage_hash(premap); i < STAGE_SLOTS; i++) {
-		uint64_t v = atomic_load(&a->stage[(h + i) % STAGE_SLOTS]);
+		uint64_t v = atomic_load(&a->stage[t][(h + i) % STAGE_SLOTS]);
 		uint64_t k = v >> 32;
 		if (v == STAGE_EMPTY)
 			return -1;
@@ -659,62 +659,64 @@ static int stage_find(struct arena *a, uint32_t premap)
 	return -1;
 }
 
-/* A visible staged map word for premap, if any. Caller holds premap's stripe. */
+/* A visible staged map word for premap, if any, from either epoch's table (an LBA is
+ * staged in at most one). Caller holds premap's stripe. */
 int staged_lookup(struct arena *a, uint32_t premap, uint32_t *word)
 {
-	int i;
-	uint64_t v;
+	for (int t = 0; t < 2; t++) {
+		int i;
+		uint64_t v;
 
-	if (atomic_load(&a->nvisible) == 0)
-		return 0;
-	i = stage_find(a, premap);
-	if (i < 0)
-		return 0;
-	v = atomic_load(&a->stage[i]);
-	if ((v >> 32) & STAGE_RESERVED)
-		return 0;
-	*word = (uint32_t)v;
-	return 1;
+		if (atomic_load(&a->nvisible[t]) == 0 || (i = stage_find(a, t, premap)) < 0)
+			continue;
+		v = atomic_load(&a->stage[t][i]);
+		if ((v >> 32) & STAGE_RESERVED)
+			return 0;
+		*word = (uint32_t)v;
+		return 1;
+	}
+	return 0;
 }
 
-static void stage_insert(struct arena *a, uint32_t premap, uint64_t keyflags, uint32_t word)
+static void stage_insert(struct arena *a, int t, uint32_t premap, uint64_t keyflags, uint32_t word)
 {
 	uint64_t v = ((uint64_t)premap + 1 + keyflags) << 32 | word;
 
 	/* Never full: at most 2 x nfree live entries (staged + read-only redo) in 1024 slots. */
 	for (uint32_t i = 0, h = stage_hash(premap); i < STAGE_SLOTS; i++) {
-		_Atomic uint64_t *slot = &a->stage[(h + i) % STAGE_SLOTS];
+		_Atomic uint64_t *slot = &a->stage[t][(h + i) % STAGE_SLOTS];
 		uint64_t cur = atomic_load(slot);
 		if (cur == STAGE_EMPTY || cur >> 32 == STAGE_TOMB) {
 			atomic_store(slot, v);
-			if (a->nstage_used < STAGE_SLOTS)
-				a->stage_used[a->nstage_used++] = (uint16_t)((h + i) % STAGE_SLOTS);
+			if (a->nstage_used[t] < STAGE_SLOTS)
+				a->stage_used[t][a->nstage_used[t]++] = (uint16_t)((h + i) % STAGE_SLOTS);
 			else
-				a->nstage_used = STAGE_SLOTS + 1;
+				a->nstage_used[t] = STAGE_SLOTS + 1;
 			return;
 		}
 	}
 }
 
-static void stage_set(struct arena *a, int i, uint32_t premap, uint64_t keyflags, uint32_t word)
+static void stage_set(struct arena *a, int t, int i, uint32_t premap, uint64_t keyflags,
+		      uint32_t word)
 {
-	atomic_store(&a->stage[i], ((uint64_t)premap + 1 + keyflags) << 32 | word);
+	atomic_store(&a->stage[t][i], ((uint64_t)premap + 1 + keyflags) << 32 | word);
 }
 
-/* Empties the table after a commit. Only the slots taken since the last reset are
+/* Empties a table after its epoch's commit. Only the slots taken since the last reset are
  * cleared: a commit per write (strict, none) spent a tenth of its CPU time clearing all
  * 1024 when one was used. */
-static void stage_reset(struct arena *a)
+static void stage_reset(struct arena *a, int t)
 {
-	if (a->nstage_used > STAGE_SLOTS)
+	if (a->nstage_used[t] > STAGE_SLOTS)
 		for (uint32_t i = 0; i < STAGE_SLOTS; i++)
-			atomic_store_explicit(&a->stage[i], STAGE_EMPTY, memory_order_relaxed);
+			atomic_store_explicit(&a->stage[t][i], STAGE_EMPTY, memory_order_relaxed);
 	else
-		for (uint32_t i = 0; i < a->nstage_used; i++)
-			atomic_store_explicit(&a->stage[a->stage_used[i]], STAGE_EMPTY,
+		for (uint32_t i = 0; i < a->nstage_used[t]; i++)
+			atomic_store_explicit(&a->stage[t][a->stage_used[t][i]], STAGE_EMPTY,
 					      memory_order_relaxed);
-	a->nstage_used = 0;
-	atomic_store(&a->nvisible, 0);
+	a->nstage_used[t] = 0;
+	atomic_store(&a->nvisible[t], 0);
 }
 
 /* ---- read tracking table (§7.1) -------------------------------------------------- */
@@ -797,8 +799,8 @@ static int lane_load(struct btt *b, struct arena *a, int aidx, uint32_t i)
 	if (map_resolve(entry, n->lba) == old) {
 		b->stats.redo_applied++;
 		if (b->readonly) {
-			stage_insert(a, n->lba, 0, BTT_MAP_NORMAL | new);
-			atomic_fetch_add(&a->nvisible, 1);
+			stage_insert(a, b->cur, n->lba, 0, BTT_MAP_NORMAL | new);
+			atomic_fetch_add(&a->nvisible[b->cur], 1);
 		} else {
 			rc = arena_map_write(b, a, n->lba, BTT_MAP_NORMAL | new);
 		}
@@ -902,29 +904,39 @@ static int discover(struct btt *b, const struct btt_open_params *p, uint64_t btt
 /*
  * group mode acknowledges writes whose flog/map updates are only staged in memory. So that
  * kill -9 loses none of them, each staged write is appended here with a plain pwrite (the
- * page cache survives the process). On open, entries of the current epoch are replayed if
- * they were written during this boot (same boot_id), still match their lane's state, and
- * their data block still carries the recorded checksum. After a reboot (power loss) they
- * are ignored: NBD lets unflushed writes be lost, and nothing was committed for them, so
- * every sector keeps its old content.
+ * page cache survives the process). Entries of epoch e go to region e % 2: while epoch e
+ * is being committed, epoch e + 1 fills the other region. The header names the oldest
+ * epoch that may not be committed yet (rewritten at the end of each commit), so on open
+ * the entries of that epoch and of the next one are replayed if they were written during
+ * this boot (same boot_id), still match their lane's state, and their data block still
+ * carries the recorded checksum. After a reboot (power loss) they are ignored: NBD lets
+ * unflushed writes be lost, and nothing was committed for them, so every sector keeps its
+ * old content.
  */
 #define J_MAGIC "BTTJRNL1"
+#define J_VERSION 2u
 #define J_ENTRY_MAGIC 0x544E454Au
 #define J_HDR 64u
 #define J_ENTRIES 4096u
 #define J_ENTRY 64u
 
-static int journal_write_header(struct btt *b)
+/* One region holds an epoch: at most one entry per lane. */
+static uint64_t journal_region(const struct btt *b, uint64_t epoch)
+{
+	return J_ENTRIES + (epoch & 1) * (uint64_t)b->narenas * BTT_NFREE * J_ENTRY;
+}
+
+/* Records that every epoch before `oldest` is committed. */
+static int journal_write_header(struct btt *b, uint64_t oldest)
 {
 	uint8_t h[J_HDR] = {0};
 
 	memcpy(h, J_MAGIC, 8);
-	put32(h + 8, 1);
+	put32(h + 8, J_VERSION);
 	memcpy(h + 16, b->uuid, 16);
 	memcpy(h + 32, b->boot_id, 16);
-	put64(h + 48, b->epoch);
+	put64(h + 48, oldest);
 	put32(h + 12, btt_crc32c(0, h, J_HDR));
-	b->journal_next = 0;
 	return b->journal->ops->write(b->journal, h, J_HDR, 0);
 }
 
@@ -933,6 +945,8 @@ static int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t 
 {
 	uint8_t e[J_ENTRY] = {0};
 
+	if (b->journal_next >= (uint32_t)b->narenas * BTT_NFREE)
+		return seterr(ENOSPC, "journal region full"); /* cannot happen: one per lane */
 	put32(e, J_ENTRY_MAGIC);
 	put64(e + 8, b->epoch);
 	put32(e + 16, b->journal_next);
@@ -943,37 +957,24 @@ static int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t 
 	put32(e + 36, seq);
 	put32(e + 40, data_crc);
 	put32(e + 4, btt_crc32c(0, e, J_ENTRY));
-	return b->journal->ops->write(b->journal, e, J_ENTRY,
-				      J_ENTRIES + (uint64_t)b->journal_next++ * J_ENTRY);
+	return b->journal->ops->write(b->journal, e, J_ENTRY, journal_region(b, b->epoch) +
+				      (uint64_t)b->journal_next++ * J_ENTRY);
 }
 
 static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
 		       uint32_t block);
 static void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap);
 
-/* Returns the number of entries replayed, or a negative errno. */
-static int journal_replay(struct btt *b)
+/* Replays one epoch's region; returns the number of entries staged, or a negative errno. */
+static int journal_replay_epoch(struct btt *b, uint64_t epoch, uint8_t *sector)
 {
-	uint8_t h[J_HDR], e[J_ENTRY], *sector = NULL;
-	uint64_t size = b->journal->ops->size(b->journal), epoch;
-	uint32_t crc;
+	uint64_t size = b->journal->ops->size(b->journal), base = journal_region(b, epoch);
+	uint8_t e[J_ENTRY];
 	int replayed = 0;
 
-	if (size < J_HDR || b->journal->ops->read(b->journal, h, J_HDR, 0))
-		return 0;
-	crc = get32(h + 12);
-	put32(h + 12, 0);
-	if (memcmp(h, J_MAGIC, 8) || crc != btt_crc32c(0, h, J_HDR) ||
-	    memcmp(h + 16, b->uuid, 16) || memcmp(h + 32, b->boot_id, 16))
-		return 0;
-	epoch = get64(h + 48);
-	b->epoch = epoch;
-	sector = malloc(b->sector_size);
-	if (!sector)
-		return seterr(ENOMEM, "out of memory");
-	for (uint32_t i = 0;; i++) {
-		uint64_t off = J_ENTRIES + (uint64_t)i * J_ENTRY;
-		uint32_t aidx, lane, premap, block, seq, dcrc, word;
+	for (uint32_t i = 0; i < (uint32_t)b->narenas * BTT_NFREE; i++) {
+		uint64_t off = base + (uint64_t)i * J_ENTRY;
+		uint32_t aidx, lane, premap, block, seq, dcrc, word, crc;
 		struct arena *a;
 
 		if (off + J_ENTRY > size || b->journal->ops->read(b->journal, e, J_ENTRY, off))
@@ -992,7 +993,7 @@ static int journal_replay(struct btt *b)
 		 * whose data is on the media, may be applied; any other is stale or torn. */
 		if (lane >= a->lay.nfree || premap >= a->lay.external_nlba ||
 		    a->lanes[lane].state != LANE_CLEAN || a->lanes[lane].block != block ||
-		    a->lanes[lane].seq != seq || stage_find(a, premap) >= 0)
+		    a->lanes[lane].seq != seq || stage_find(a, b->cur, premap) >= 0)
 			continue;
 		if (b->io->ops->read(b->io, sector, b->sector_size, block_off(a, block)) ||
 		    btt_crc32c(0, sector, b->sector_size) != dcrc)
@@ -1006,14 +1007,59 @@ static int journal_replay(struct btt *b)
 		else
 			unreserve_lane(b, a, lane, premap);
 	}
+	return replayed;
+}
+
+/* Returns the number of entries replayed, or a negative errno. An epoch's entries use
+ * lanes and LBAs the other's do not (btt.c, "the write path"), so the two epochs are
+ * replayed as one, oldest first. */
+static int journal_replay(struct btt *b)
+{
+	uint8_t h[J_HDR], *sector = NULL;
+	uint64_t oldest;
+	uint32_t crc;
+	int replayed = 0;
+
+	if (b->journal->ops->size(b->journal) < J_HDR || b->journal->ops->read(b->journal, h, J_HDR, 0))
+		return 0;
+	crc = get32(h + 12);
+	put32(h + 12, 0);
+	if (memcmp(h, J_MAGIC, 8) || get32(h + 8) != J_VERSION || crc != btt_crc32c(0, h, J_HDR) ||
+	    memcmp(h + 16, b->uuid, 16) || memcmp(h + 32, b->boot_id, 16))
+		return 0;
+	oldest = get64(h + 48);
+	sector = malloc(b->sector_size);
+	if (!sector)
+		return seterr(ENOMEM, "out of memory");
+	uint64_t last = btt_test_mutation == BTT_MUT_REPLAY_ONE_EPOCH ? oldest : oldest + 1;
+	for (uint64_t epoch = oldest; epoch <= last && replayed >= 0; epoch++) {
+		int r = journal_replay_epoch(b, epoch, sector);
+		replayed = r < 0 ? r : replayed + r;
+	}
 	free(sector);
-	b->stats.journal_replayed += (uint64_t)replayed;
+	if (replayed > 0)
+		b->stats.journal_replayed += (uint64_t)replayed;
+	b->epoch = oldest + 2; /* entries replayed now are committed before any new epoch */
 	return replayed;
 }
 
 /* ---- the write path ------------------------------------------------------------------ */
 
+/*
+ * Epochs and commits. Writes stage into the filling epoch. A commit takes that whole epoch
+ * (commit_begin, under elock), runs its I/O without the lock (commit_step: barrier, flog,
+ * barrier, map) and retires it (commit_end, under elock): only then do its lanes become
+ * clean and their freed blocks reusable. Meanwhile the next epoch fills with the lanes
+ * still clean; in group mode a committer thread starts the commit when an epoch has taken
+ * half of an arena's lanes, so writers rarely wait for barriers. Two rules keep the two
+ * epochs independent, so that recovery and journal replay may treat them as one:
+ *   - an LBA staged in the epoch being committed is not written again until its map
+ *     word is written (the new entry's old block must be the committed one);
+ *   - one commit at a time, in epoch order.
+ */
+
 static int commit_locked(struct btt *b, uint64_t epoch);
+static void wait_commit_locked(struct btt *b);
 
 /* Publishes the staged entry of a reserved lane whose data is written (elock held). */
 static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
@@ -1037,13 +1083,14 @@ static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t p
 	}
 	if ((entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_E)
 		old |= BTT_MAP_E; /* logged so that recovery zero-fills the errored block */
-	i = stage_find(a, premap);
+	i = stage_find(a, b->cur, premap);
 	if (i >= 0)
-		stage_set(a, i, premap, 0, BTT_MAP_NORMAL | block);
+		stage_set(a, b->cur, i, premap, 0, BTT_MAP_NORMAL | block);
 	else
-		stage_insert(a, premap, 0, BTT_MAP_NORMAL | block);
-	atomic_fetch_add(&a->nvisible, 1);
+		stage_insert(a, b->cur, premap, 0, BTT_MAP_NORMAL | block);
+	atomic_fetch_add(&a->nvisible[b->cur], 1);
 	pthread_mutex_unlock(stripe);
+	a->nfilling++;
 
 	e = &b->staged[b->nstaged++];
 	e->arena = (uint16_t)(a - b->arenas);
@@ -1068,8 +1115,8 @@ static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t p
 	return 0;
 }
 
-/* Takes a clean lane for premap, committing first when the epoch cannot take it.
- * Returns the lane index or a negative errno (elock held). */
+/* Takes a clean lane for premap, committing first when the filling epoch cannot take
+ * the write. Returns the lane index or a negative errno (elock held). */
 static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
 {
 	uint32_t n = a->lay.nfree;
@@ -1078,9 +1125,18 @@ static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
 	for (;;) {
 		if (b->failed)
 			return b->failed;
-		if (a->clean_lanes > 0 && stage_find(a, premap) < 0 &&
+		if (stage_find(a, b->cur ^ 1, premap) >= 0 &&
+		    btt_test_mutation != BTT_MUT_REWRITE_DURING_COMMIT) {
+			wait_commit_locked(b); /* the LBA's last write is being committed */
+			continue;
+		}
+		if (a->clean_lanes > 0 && stage_find(a, b->cur, premap) < 0 &&
 		    b->nstaged < (uint32_t)b->narenas * BTT_NFREE)
 			break;
+		if (b->committing) {
+			wait_commit_locked(b); /* its end frees lanes: then look again */
+			continue;
+		}
 		rc = commit_locked(b, b->epoch);
 		if (rc)
 			return rc;
@@ -1093,7 +1149,7 @@ static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
 			a->lanes[i].state = LANE_RESERVED;
 			a->clean_lanes--;
 			pthread_mutex_lock(stripe_of(a, premap));
-			stage_insert(a, premap, STAGE_RESERVED, 0);
+			stage_insert(a, b->cur, premap, STAGE_RESERVED, 0);
 			pthread_mutex_unlock(stripe_of(a, premap));
 			return (int)i;
 		}
@@ -1110,11 +1166,10 @@ static void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32
 	if (lane < a->next_lane)
 		a->next_lane = lane;
 	pthread_mutex_lock(stripe_of(a, premap));
-	i = stage_find(a, premap);
+	i = stage_find(a, b->cur, premap);
 	if (i >= 0)
-		atomic_store(&a->stage[i], STAGE_TOMB << 32);
+		atomic_store(&a->stage[b->cur][i], STAGE_TOMB << 32);
 	pthread_mutex_unlock(stripe_of(a, premap));
-	(void)b;
 }
 
 /* One sector: reserve -> data -> publish (§7.3 with the flog/map writes deferred). */
@@ -1149,8 +1204,13 @@ static int write_sector(struct btt *b, struct arena *a, uint32_t premap, const u
 		else if (b->journal &&
 			 journal_append(b, (uint32_t)(a - b->arenas), lane, premap, block, seq, crc))
 			rc = commit_locked(b, b->epoch); /* no journal protection: commit it instead */
-		if (!rc)
+		if (!rc) {
 			b->stats.writes++;
+			if (a->nfilling == a->lay.nfree / 2 && b->durability == BTT_DUR_GROUP) {
+				b->kick = true; /* to the committer, if one runs */
+				pthread_cond_signal(&b->tcond);
+			}
+		}
 	} else {
 		unreserve_lane(b, a, lane, premap);
 	}
@@ -1165,8 +1225,8 @@ static int write_flog(struct btt *b)
 		struct arena *a = &b->arenas[ai];
 		uint32_t lo = UINT32_MAX, hi = 0;
 
-		for (uint32_t k = 0; k < b->nstaged; k++) {
-			const struct staged_entry *e = &b->staged[k];
+		for (uint32_t k = 0; k < b->ncstaged; k++) {
+			const struct staged_entry *e = &b->cstaged[k];
 			struct flog_entry f = {e->premap, e->old, e->new_block, e->seq};
 			if (e->arena != ai)
 				continue;
@@ -1237,27 +1297,29 @@ static int write_map_page(struct btt *b, struct arena *a, const struct staged_en
  * once an entry's word is in the map does it leave the staged table readers consult. */
 static int write_maps(struct btt *b)
 {
-	qsort(b->staged, b->nstaged, sizeof(*b->staged), staged_order);
-	for (uint32_t k = 0, end; k < b->nstaged; k = end) {
-		const struct staged_entry *e = &b->staged[k];
+	int t = b->cur ^ 1; /* the committing epoch's table */
+
+	qsort(b->cstaged, b->ncstaged, sizeof(*b->cstaged), staged_order);
+	for (uint32_t k = 0, end; k < b->ncstaged; k = end) {
+		const struct staged_entry *e = &b->cstaged[k];
 		struct arena *a = &b->arenas[e->arena];
 		int rc;
 
-		for (end = k + 1; end < b->nstaged && b->staged[end].arena == e->arena &&
-				  b->staged[end].premap / MAP_PAGE_WORDS == e->premap / MAP_PAGE_WORDS;
+		for (end = k + 1; end < b->ncstaged && b->cstaged[end].arena == e->arena &&
+				  b->cstaged[end].premap / MAP_PAGE_WORDS == e->premap / MAP_PAGE_WORDS;
 		     end++)
 			;
 		rc = write_map_page(b, a, e, end - k);
 		if (rc)
 			return rc;
 		for (uint32_t j = k; j < end; j++) {
-			pthread_mutex_t *stripe = stripe_of(a, b->staged[j].premap);
+			pthread_mutex_t *stripe = stripe_of(a, b->cstaged[j].premap);
 			int i;
 
 			pthread_mutex_lock(stripe);
-			if ((i = stage_find(a, b->staged[j].premap)) >= 0) {
-				atomic_store(&a->stage[i], STAGE_TOMB << 32);
-				atomic_fetch_sub(&a->nvisible, 1);
+			if ((i = stage_find(a, t, b->cstaged[j].premap)) >= 0) {
+				atomic_store(&a->stage[t][i], STAGE_TOMB << 32);
+				atomic_fetch_sub(&a->nvisible[t], 1);
 			}
 			pthread_mutex_unlock(stripe);
 		}
@@ -1272,8 +1334,8 @@ static void advance_lanes(struct btt *b)
 
 	if (btt_test_mutation == BTT_MUT_REUSE_BEFORE_COMMIT)
 		return; /* the broken variant advanced them at publish time */
-	for (uint32_t k = 0; k < b->nstaged; k++) {
-		const struct staged_entry *e = &b->staged[k];
+	for (uint32_t k = 0; k < b->ncstaged; k++) {
+		const struct staged_entry *e = &b->cstaged[k];
 		struct arena *a = &b->arenas[e->arena];
 		struct lane *ln = &a->lanes[e->lane];
 
@@ -1288,20 +1350,134 @@ static void advance_lanes(struct btt *b)
 	}
 }
 
-/* Commits epoch `epoch`, the one the caller saw when it decided a commit was needed. While
- * this thread waits for writers in flight, another may commit that epoch first; then the
- * caller's need is met and committing again would cost two barriers for the few writes
- * staged since (with 16 writers, a quarter of all commits were such). */
+/* What the steps of a commit do, in order. The test-only mutations break the order. */
+enum commit_op { C_NOTHING, C_BARRIER, C_FLOG, C_MAPS };
+#define C_STEPS 4
+
+static const enum commit_op *commit_order(void)
+{
+	/* The staged data is durable before any flog entry names it, and the flog before
+	 * any map entry (§7.3). */
+	static const enum commit_op correct[C_STEPS] = {C_BARRIER, C_FLOG, C_BARRIER, C_MAPS};
+	static const enum commit_op map_first[C_STEPS] = {C_BARRIER, C_MAPS, C_FLOG, C_BARRIER};
+	static const enum commit_op flog_early[C_STEPS] = {C_NOTHING, C_FLOG, C_BARRIER, C_MAPS};
+
+	return btt_test_mutation == BTT_MUT_MAP_BEFORE_FLOG ? map_first :
+	       btt_test_mutation == BTT_MUT_FLOG_BEFORE_DATA_DURABLE ? flog_early : correct;
+}
+
+/* Takes the filling epoch for commit; the next one starts empty, in the other stage
+ * tables and journal region (elock held, nothing in flight, no commit running). */
+static void commit_begin(struct btt *b)
+{
+	struct staged_entry *batch = b->staged;
+
+	b->staged = b->cstaged;
+	b->cstaged = batch;
+	b->ncstaged = b->nstaged;
+	b->nstaged = 0;
+	b->cur ^= 1;
+	for (int ai = 0; ai < b->narenas; ai++)
+		b->arenas[ai].nfilling = 0;
+	b->epoch++;
+	b->journal_next = 0;
+	b->kick = false;
+	b->committing = true;
+	if (btt_test_mutation == BTT_MUT_JOURNAL_RETIRED_EARLY && b->journal)
+		journal_write_header(b, b->epoch); /* broken on purpose: before the commit's I/O */
+}
+
+/* One step of the commit's I/O. No lock: the batch and its stage tables are the commit's
+ * alone until commit_end, and writers of the next epoch touch neither. */
+static int commit_step(struct btt *b, int k)
+{
+	switch (commit_order()[k]) {
+	case C_BARRIER:
+		return barrier(b);
+	case C_FLOG:
+		return write_flog(b);
+	case C_MAPS:
+		return write_maps(b);
+	default:
+		return 0;
+	}
+}
+
+/* Retires the committed epoch: its lanes advance to the blocks it freed (elock held). */
+static int commit_end(struct btt *b, int rc)
+{
+	b->committing = false;
+	pthread_cond_broadcast(&b->econd);
+	if (rc) {
+		/* What reached the media is repairable by recovery, but this process can no
+		 * longer tell what did: refuse further writes until the BTT is reopened. The
+		 * batch stays staged, so reads still return the acknowledged data. */
+		b->failed = -EIO;
+		return seterr(-rc == ENOSPC ? ENOSPC : EIO, "commit failed, writes disabled until "
+			      "reopen: %s", btt_errmsg());
+	}
+	if (commit_order()[0] == C_BARRIER)
+		b->unsynced_zero = false; /* the data barrier covered zero-flag map writes too */
+	advance_lanes(b);
+	b->ncstaged = 0;
+	for (int ai = 0; ai < b->narenas; ai++)
+		stage_reset(&b->arenas[ai], b->cur ^ 1);
+	b->stats.commits++;
+	if (b->journal && journal_write_header(b, b->epoch)) {
+		b->failed = -EIO;
+		return seterr(EIO, "journal header write failed: %s", btt_errmsg());
+	}
+	return 0;
+}
+
+/* Waits for the running commit to end (elock held). A commit a test is stepping has no
+ * thread of its own: the waiter runs its remaining steps. */
+static void wait_commit_locked(struct btt *b)
+{
+	int rc = 0;
+
+	if (b->cstep < 0) {
+		pthread_cond_wait(&b->econd, &b->elock);
+		return;
+	}
+	while (b->cstep < C_STEPS && !rc)
+		rc = commit_step(b, b->cstep++);
+	b->cstep = -1;
+	commit_end(b, rc);
+}
+
+/* Waits until no write is in flight and no commit runs (elock held). */
+void quiesce_locked(struct btt *b)
+{
+	while (b->committing || b->inflight) {
+		if (b->committing)
+			wait_commit_locked(b);
+		else
+			pthread_cond_wait(&b->econd, &b->elock);
+	}
+}
+
+/* Commits epoch `epoch`, the one the caller saw when it decided a commit was needed, and
+ * returns once it is committed. While this thread waits (for writers in flight, or for
+ * the commit before), another may commit that epoch; then the caller's need is met, and
+ * committing again would cost two barriers for the few writes staged since (with 16
+ * writers, a quarter of all commits were such). Returns 0 with no commit running. */
 static int commit_locked(struct btt *b, uint64_t epoch)
 {
 	int rc = 0;
 
-	while (b->inflight)
-		pthread_cond_wait(&b->econd, &b->elock);
-	if (b->failed)
-		return b->failed;
-	if (b->epoch != epoch)
-		return 0;
+	for (;;) {
+		if (b->failed)
+			return b->failed;
+		if (b->committing)
+			wait_commit_locked(b); /* the caller's epoch, or the one before it */
+		else if (b->epoch != epoch)
+			return 0;
+		else if (b->inflight)
+			pthread_cond_wait(&b->econd, &b->elock);
+		else
+			break;
+	}
 	if (b->nstaged == 0) {
 		/* Zero-flag map writes have no flog entry that recovery could redo: a FLUSH
 		 * must make them durable itself. */
@@ -1314,45 +1490,12 @@ static int commit_locked(struct btt *b, uint64_t epoch)
 	}
 	if (b->readonly)
 		return seterr(EROFS, "read-only");
-	if (btt_test_mutation == BTT_MUT_MAP_BEFORE_FLOG) {
-		rc = barrier(b);
-		if (!rc)
-			rc = write_maps(b);
-		if (!rc)
-			rc = write_flog(b);
-		if (!rc)
-			rc = barrier(b);
-	} else {
-		if (btt_test_mutation != BTT_MUT_FLOG_BEFORE_DATA_DURABLE) {
-			rc = barrier(b); /* the staged data is durable ... */
-			if (!rc)
-				b->unsynced_zero = false;
-		}
-		if (!rc)
-			rc = write_flog(b); /* ... before any flog entry names it ... */
-		if (!rc)
-			rc = barrier(b); /* ... and the flog before any map entry (§7.3) */
-		if (!rc)
-			rc = write_maps(b);
-	}
-	if (rc) {
-		/* What reached the media is repairable by recovery, but this process can no
-		 * longer tell what did: refuse further writes until the BTT is reopened. */
-		b->failed = -EIO;
-		return seterr(-rc == ENOSPC ? ENOSPC : EIO, "commit failed, writes disabled until "
-			      "reopen: %s", btt_errmsg());
-	}
-	advance_lanes(b);
-	b->nstaged = 0;
-	for (int ai = 0; ai < b->narenas; ai++)
-		stage_reset(&b->arenas[ai]);
-	b->epoch++;
-	b->stats.commits++;
-	if (b->journal && journal_write_header(b)) {
-		b->failed = -EIO;
-		return seterr(EIO, "journal header write failed: %s", btt_errmsg());
-	}
-	return 0;
+	commit_begin(b);
+	pthread_mutex_unlock(&b->elock);
+	for (int k = 0; k < C_STEPS && !rc; k++)
+		rc = commit_step(b, k);
+	pthread_mutex_lock(&b->elock);
+	return commit_end(b, rc);
 }
 
 static struct arena *arena_of(struct btt *b, uint64_t lba, uint32_t *premap)
@@ -1441,7 +1584,9 @@ static int do_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
 	if (b->readonly)
 		return seterr(EROFS, "the BTT is open read-only");
 	pthread_mutex_lock(&b->elock);
-	rc = commit_locked(b, b->epoch);
+	do /* everything staged, including what others staged while this thread waited */
+		rc = commit_locked(b, b->epoch);
+	while (!rc && b->nstaged);
 	while (!rc && count) {
 		uint32_t premap;
 		struct arena *a = arena_of(b, lba, &premap);
@@ -1626,6 +1771,7 @@ static void free_btt(struct btt *b)
 	}
 	free(b->arenas);
 	free(b->staged);
+	free(b->cstaged);
 	free(b);
 }
 
@@ -1683,11 +1829,13 @@ int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **ou
 	pthread_mutex_init(&b->elock, NULL);
 	pthread_cond_init(&b->econd, NULL);
 	pthread_cond_init(&b->tcond, NULL);
+	b->cstep = -1;
 
 	rc = discover(b, p, b->btt_offset, &first);
 	if (!rc) {
 		b->staged = calloc((size_t)b->narenas * BTT_NFREE, sizeof(*b->staged));
-		if (!b->staged)
+		b->cstaged = calloc((size_t)b->narenas * BTT_NFREE, sizeof(*b->cstaged));
+		if (!b->staged || !b->cstaged)
 			rc = seterr(ENOMEM, "out of memory");
 	}
 	if (!rc && !b->readonly)
@@ -1702,9 +1850,8 @@ int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **ou
 			pthread_mutex_lock(&b->elock);
 			rc = commit_locked(b, b->epoch);
 			pthread_mutex_unlock(&b->elock);
-			b->epoch++;
 			if (!rc)
-				rc = journal_write_header(b);
+				rc = journal_write_header(b, b->epoch);
 		}
 	}
 	if (rc) {
@@ -1715,21 +1862,26 @@ int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **ou
 	return 0;
 }
 
-static void *timer_main(void *arg)
+/* The committer (group mode): commits the filling epoch when a writer has taken half of an
+ * arena's lanes (kick), so that the next epoch fills while this one's barriers run, and
+ * every timer_ms whatever is staged. */
+static void *committer_main(void *arg)
 {
 	struct btt *b = arg;
 
 	pthread_mutex_lock(&b->elock);
 	while (!b->timer_stop) {
-		/* Only a stop signals tcond: sleeping on econd would wake this thread on every
-		 * write (a context switch per request). */
+		/* Writers signal tcond only to kick: sleeping on econd would wake this thread
+		 * on every write (a context switch per request). */
 		struct timespec t;
 		clock_gettime(CLOCK_REALTIME, &t);
 		t.tv_nsec += (long)(b->timer_ms % 1000) * 1000000L;
 		t.tv_sec += b->timer_ms / 1000 + t.tv_nsec / 1000000000L;
 		t.tv_nsec %= 1000000000L;
-		while (!b->timer_stop && pthread_cond_timedwait(&b->tcond, &b->elock, &t) != ETIMEDOUT)
+		while (!b->timer_stop && !b->kick &&
+		       pthread_cond_timedwait(&b->tcond, &b->elock, &t) != ETIMEDOUT)
 			;
+		b->kick = false;
 		if (!b->timer_stop && b->nstaged)
 			commit_locked(b, b->epoch);
 	}
@@ -1745,7 +1897,7 @@ int btt_start_timer(struct btt *b, unsigned interval_ms)
 		return 0;
 	b->timer_ms = interval_ms ? interval_ms : 1;
 	b->timer_stop = false;
-	rc = pthread_create(&b->timer, NULL, timer_main, b);
+	rc = pthread_create(&b->timer, NULL, committer_main, b);
 	if (rc)
 		return seterr(rc, "cannot start the commit timer thread");
 	b->timer_running = true;
@@ -1846,5 +1998,28 @@ int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags)
 		rc = arena_map_write(b, a, premap,
 				     (flags & (BTT_MAP_Z | BTT_MAP_E)) | map_resolve(entry, premap));
 	pthread_mutex_unlock(stripe_of(a, premap));
+	return rc;
+}
+
+int btt_debug_commit_step(struct btt *b)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&b->elock);
+	if (b->cstep < 0) {
+		if (!b->committing && !b->failed && !b->readonly && !b->inflight && b->nstaged) {
+			commit_begin(b);
+			b->cstep = 0;
+		}
+	} else {
+		rc = commit_step(b, b->cstep++);
+		if (rc || b->cstep == C_STEPS) {
+			b->cstep = -1;
+			rc = commit_end(b, rc);
+		}
+	}
+	if (!rc)
+		rc = b->cstep >= 0;
+	pthread_mutex_unlock(&b->elock);
 	return rc;
 }

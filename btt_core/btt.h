@@ -240,11 +240,21 @@ enum {
 	BTT_MUT_MAP_BEFORE_FLOG = 1,
 	BTT_MUT_FLOG_BEFORE_DATA_DURABLE = 2,
 	BTT_MUT_REUSE_BEFORE_COMMIT = 3,
+	BTT_MUT_REWRITE_DURING_COMMIT = 4, /* an LBA being committed written again at once */
+	BTT_MUT_JOURNAL_RETIRED_EARLY = 5, /* the journal calls an epoch committed too soon */
+	BTT_MUT_REPLAY_ONE_EPOCH = 6,      /* replay ignores the epoch filled during a commit */
 };
 extern int btt_test_mutation;
 
 /* Set raw flag bits on a sector's map entry (error injection: E = media error). */
 int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags);
+/* Tests: runs a group commit one step at a time, so that writes can be staged between
+ * its steps as they are while the committer's barriers run. The first call takes the
+ * filling epoch (if anything is staged), the next ones run its steps (barrier, flog,
+ * barrier, map; in the mutation's order) and the last retires it. Returns 1 while the
+ * commit is open, 0 when none is, or a negative errno. A write that must wait for the
+ * commit runs its remaining steps itself. */
+int btt_debug_commit_step(struct btt *b);
 
 const char *btt_errmsg(void);
 uint32_t btt_crc32c(uint32_t crc, const void *buf, size_t len);

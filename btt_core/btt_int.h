@@ -69,11 +69,14 @@ struct arena {
 	pthread_mutex_t stripes[NSTRIPES]; /* map locks */
 	/* Staged map words, visible to readers: key premap+1 (0 = empty), value map word,
 	 * or STAGE_RESERVED while the data is still being written. Changed under elock
-	 * and the premap's stripe; read under the stripe. */
-	_Atomic uint64_t stage[STAGE_SLOTS];
-	_Atomic uint32_t nvisible; /* published staged entries (readers skip lookups at 0) */
-	uint16_t stage_used[STAGE_SLOTS]; /* slots taken since the last reset (under elock) */
-	uint32_t nstage_used;      /* above STAGE_SLOTS: the list overflowed, clear them all */
+	 * and the premap's stripe (a commit retires its own entries under the stripe
+	 * only); read under the stripe. Two tables: the filling epoch's (btt.cur) and the
+	 * one being committed; an LBA is in at most one of them. */
+	_Atomic uint64_t stage[2][STAGE_SLOTS];
+	_Atomic uint32_t nvisible[2]; /* published staged entries (readers skip lookups at 0) */
+	uint16_t stage_used[2][STAGE_SLOTS]; /* slots taken since the last reset (under elock) */
+	uint32_t nstage_used[2];   /* above STAGE_SLOTS: the list overflowed, clear them all */
+	uint32_t nfilling;         /* entries the filling epoch staged in this arena */
 	_Atomic uint32_t readers;  /* threads inside read_run (writers skip the RTT scan at 0) */
 	struct map_page *mcache;   /* direct-mapped: map page i lives in slot i % mc_slots */
 	uint32_t mc_slots;         /* a power of two */
@@ -92,13 +95,22 @@ struct btt {
 	int readonly;
 	int durability;
 
-	/* The epoch lock: lane allocation, staging, commit, journal. Readers never take it. */
+	/* The epoch lock: lane allocation, staging, the start and end of a commit, the
+	 * journal. A commit's I/O runs without it, so the next epoch fills meanwhile (the
+	 * lanes the commit holds stay staged until it ends). Readers never take it. */
 	pthread_mutex_t elock;
 	pthread_cond_t econd;
 	uint32_t inflight;      /* reserved lanes whose data write is still running */
-	uint32_t nstaged;       /* staged entries waiting for the next commit */
+	uint32_t nstaged;       /* staged entries of the filling epoch */
 	struct staged_entry *staged; /* in staging order, narenas * 256 at most */
-	uint64_t epoch;
+	uint64_t epoch;         /* the filling epoch */
+	int cur;                /* its stage tables: arena.stage[cur] */
+	bool committing;        /* epoch - 1 is being committed (cstaged, stage[cur ^ 1]) */
+	uint32_t ncstaged;
+	struct staged_entry *cstaged;
+	int cstep;              /* a commit stepped by a test (btt_debug_commit_step): next
+				 * step, or -1 when none is open */
+	bool kick;              /* the committer is asked to commit the filling epoch now */
 	uint32_t journal_next;  /* next journal entry index in this epoch */
 	int failed;             /* sticky error after a failed commit: -EIO */
 	bool unsynced_zero;     /* zero-flag map writes not yet covered by a barrier */
@@ -155,6 +167,7 @@ void flog_slot_put(uint8_t *group, int slot, const struct flog_entry *e);
 int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int idx[2]);
 int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1);
 int staged_lookup(struct arena *a, uint32_t premap, uint32_t *word);
+void quiesce_locked(struct btt *b);
 struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block);
 
 #endif

@@ -117,8 +117,7 @@ int btt_check(struct btt *b, struct btt_check_result *res, char *msgbuf, size_t 
 		return rc;
 	/* The epoch lock keeps staging and commits still while the map is scanned. */
 	pthread_mutex_lock(&b->elock);
-	while (b->inflight)
-		pthread_cond_wait(&b->econd, &b->elock);
+	quiesce_locked(b);
 	for (int i = 0; i < b->narenas && !rc; i++)
 		rc = check_arena(b, &b->arenas[i], i, res, &rep);
 	pthread_mutex_unlock(&b->elock);

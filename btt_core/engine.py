@@ -396,6 +396,11 @@ class Btt:
         """Error injection: put raw Z/E bits on a sector's map entry (E = media error)."""
         _check(lib.btt_debug_set_map_flags(self._ptr, lba, flags))
 
+    def commit_step(self) -> bool:
+        """Tests: advance a group commit by one step (btt.h, btt_debug_commit_step), so
+        that writes can be staged while it is open. True while a commit is open."""
+        return _check(lib.btt_debug_commit_step(self._ptr)) == 1
+
     # ---- closing ------------------------------------------------------------------------
 
     def close(self) -> None:

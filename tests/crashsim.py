@@ -46,7 +46,7 @@ GEOMETRIES = [
 
 @dataclass
 class Op:
-    kind: str  # "write" | "zero" (zero-flag extension) | "flush"
+    kind: str  # "write" | "zero" (zero-flag extension) | "flush" | "step" (of a commit)
     lba: int = 0
     n: int = 0
     fua: bool = False
@@ -66,6 +66,7 @@ class Recording:
     end_clock: int
     sector_size: int
     versions: dict = field(default_factory=dict)  # lba -> [(op index or -1, content)]
+    mutation: int = 0  # the broken engine recovers the images too
 
 
 def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None = None,
@@ -80,9 +81,9 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
         b.set_map_flags(lba % b.nlba, flags)
     initial = {}
     for op in ops:
-        if op.kind != "flush":
+        if op.kind in ("write", "zero"):
             op.lba = min(op.lba % b.nlba, b.nlba - op.n)
-    touched = {op.lba + i for op in ops if op.kind != "flush" for i in range(op.n)}
+    touched = {op.lba + i for op in ops if op.kind in ("write", "zero") for i in range(op.n)}
     for lba in touched | {l % b.nlba for l in (preflags or {})}:
         try:
             initial[lba] = b.read(lba, 1)
@@ -114,6 +115,14 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
                         b.set_zero(op.lba, op.n, fua=op.fua)
                 except BttError as e:
                     op.error = str(e)
+            elif op.kind == "step":
+                # The committer's commit, one step at a time: the writes that follow are
+                # staged in the next epoch while it is open (a write that must wait for
+                # it runs the remaining steps).
+                try:
+                    b.commit_step()
+                except BttError as e:
+                    op.error = str(e)
             else:
                 try:
                     b.flush()
@@ -129,7 +138,7 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     end = Io.clock()
     io.close()
     journal.close()
-    return Recording(geo, durability, pre_io, pre_journal, ops, recs, end, ss, versions)
+    return Recording(geo, durability, pre_io, pre_journal, ops, recs, end, ss, versions, mutation)
 
 
 def _content(op_index: int, lba: int, size: int) -> bytes:
@@ -216,10 +225,13 @@ def verify(rec: Recording, clock: int, kind: str, rng: random.Random) -> list[st
             and f["problem"] != "interrupted-write"]
     if left:
         problems.append(f"{kind} crash at {clock}: offline check before recovery: {left[:3]}")
+    lib.btt_test_mutation = rec.mutation
     try:
         b = Btt.open_io(io, durability=rec.durability, journal=journal, boot=boot)
     except BttError as e:
         return [f"{kind} crash at {clock}: recovery failed: {e}"]
+    finally:
+        lib.btt_test_mutation = 0
     try:
         for lba, versions in rec.versions.items():
             need = required_index(rec, lba, clock, kind)

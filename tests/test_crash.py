@@ -20,13 +20,17 @@ op = st.one_of(
     st.builds(Op, kind=st.just("write"), lba=lbas, n=st.just(1), fua=st.just(False)),
     st.builds(Op, kind=st.just("zero"), lba=lbas, n=st.integers(1, 3), fua=st.booleans()),
     st.builds(Op, kind=st.just("flush")),
+    # Steps of a pipelined group commit (five close one): writes in between fill the next
+    # epoch while the commit's barriers and flog/map writes are under way.
+    st.builds(Op, kind=st.just("step")),
+    st.builds(Op, kind=st.just("step")),
 )
 
 
 @settings(max_examples=WORKLOADS, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(geo=st.sampled_from(GEOMETRIES), durability=st.sampled_from(["group", "strict", "none"]),
-       ops=st.lists(op, min_size=1, max_size=14),
+       ops=st.lists(op, min_size=1, max_size=18),
        preflags=st.dictionaries(st.integers(0, 12), st.sampled_from([E_FLAG, Z_FLAG]), max_size=2),
        seed=st.integers(0, 2**32))
 # Found by the long run: a FLUSH with nothing staged must still sync zero-flag map writes.
@@ -79,3 +83,29 @@ def test_harness_catches_flog_before_data_is_durable(durability):
 def test_harness_catches_reuse_of_a_freed_block_before_its_commit(kind):
     problems = hunt(lib.BTT_MUT_REUSE_BEFORE_COMMIT, "group", WORKLOAD, kinds=(kind,))
     assert problems, "early reuse of a freed block went unnoticed"
+
+
+# A commit opened by the committer (step), writes while it runs (one to an LBA it carries),
+# and its remaining steps run by the write that must wait for it.
+PIPELINED = [Op("write", 1, 1), Op("write", 2, 2), Op("step"), Op("step"), Op("write", 7, 1),
+             Op("step"), Op("write", 1, 1), Op("write", 9, 1), Op("step"), Op("write", 4, 1),
+             Op("flush")]
+
+
+def test_correct_engine_passes_the_pipelined_workload():
+    assert hunt(lib.BTT_MUT_NONE, "group", PIPELINED) == []
+
+
+def test_harness_catches_a_rewrite_of_an_lba_being_committed():
+    problems = hunt(lib.BTT_MUT_REWRITE_DURING_COMMIT, "group", PIPELINED)
+    assert problems, "a rewrite during the commit of the LBA went unnoticed"
+
+
+def test_harness_catches_a_journal_that_retires_an_epoch_before_its_commit():
+    problems = hunt(lib.BTT_MUT_JOURNAL_RETIRED_EARLY, "group", PIPELINED, kinds=("process",))
+    assert problems, "a journal header written before the commit went unnoticed"
+
+
+def test_harness_catches_a_replay_that_ignores_the_epoch_filled_during_a_commit():
+    problems = hunt(lib.BTT_MUT_REPLAY_ONE_EPOCH, "group", PIPELINED, kinds=("process",))
+    assert problems, "writes staged while a commit ran were lost unnoticed"
