@@ -107,7 +107,7 @@ class SectorBackend:
         self.btt = Btt.open(path, offset=offset, size=size, readonly=readonly,
                             durability=durability, version=version)
         self.btt.start_timer(commit_ms)
-        self.readonly, self.zero_flag = readonly, zero_flag
+        self.readonly, self.zero_flag, self.durability = readonly, zero_flag, durability
         self.sector_size = self.btt.sector_size
         self.size = self.btt.size
         self.uuid = self.btt.uuid

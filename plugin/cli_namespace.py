@@ -27,7 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("-i", "--idle", action="store_true", help="include disabled namespaces")
     p.add_argument("-R", "--regions", action="store_true",
                    help="list regions, each with its namespaces")
-    p.set_defaults(request=lambda a: {"op": "list", "idle": a.idle, "regions": a.regions})
+    p.add_argument("--stats", action="store_true",
+                   help="with each served sector namespace, its durability mode and the "
+                        "engine's counters (sectors written, commits, fdatasyncs)")
+    p.set_defaults(request=lambda a: {"op": "list", "idle": a.idle, "regions": a.regions,
+                                      "stats": a.stats})
 
     p = _verb(subparsers, "create-namespace", "create (or with -e, reconfigure) a namespace",
               "Carve a namespace from a labelled region's free space and enable it. In "

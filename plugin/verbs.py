@@ -98,7 +98,7 @@ def configured_mode(region, ns) -> str:
     return "sector" if found else "raw"
 
 
-def describe_namespace(registry, region, ns) -> dict:
+def describe_namespace(registry, region, ns, stats: bool = False) -> dict:
     mode = configured_mode(region, ns)
     out = {"dev": ns.name, "mode": mode, "state": "enabled" if ns.active_mode else "disabled"}
     btt = ns.claim
@@ -123,19 +123,23 @@ def describe_namespace(registry, region, ns) -> dict:
         out["export"] = ns.name
     out.update(region=region.name, path=region.path, offset=ns.offset, raw_size=ns.size,
                clients=exp.clients if exp else 0)
+    backend = exp.backend if exp else None
+    if stats and backend is not None and backend.mode == "sector":
+        # What durability costs on this export: fdatasyncs ("syncs") per sector written.
+        out.update(durability=backend.durability, stats=backend.btt.stats())
     return out
 
 
-def describe_region(registry, region, idle: bool) -> dict:
+def describe_region(registry, region, idle: bool, stats: bool = False) -> dict:
     return {"dev": region.name, "size": region.size, "align": region.align,
             "available_size": region.available_size,
             "max_available_extent": region.max_available_extent, "type": "pmem",
             "labels": region.store.version or "none", "read_only": region.read_only,
-            "path": region.path, "namespaces": _namespaces(registry, region, idle)}
+            "path": region.path, "namespaces": _namespaces(registry, region, idle, stats)}
 
 
-def _namespaces(registry, region, idle: bool) -> list[dict]:
-    return [describe_namespace(registry, region, ns) for ns in region.namespaces.values()
+def _namespaces(registry, region, idle: bool, stats: bool = False) -> list[dict]:
+    return [describe_namespace(registry, region, ns, stats) for ns in region.namespaces.values()
             if ns.configured and (idle or ns.active_mode)]
 
 
@@ -225,9 +229,10 @@ def _undo_create(region, ns) -> None:
 def op_list(registry, req):
     # Offline (nothing served) every namespace is disabled: show them all.
     idle = bool(_field(req, "idle", bool, False)) or not registry.serving
+    stats = bool(_field(req, "stats", bool, False))
     if _field(req, "regions", bool, False):
-        return [describe_region(registry, r, idle) for r in registry.regions]
-    return [d for r in registry.regions for d in _namespaces(registry, r, idle)]
+        return [describe_region(registry, r, idle, stats) for r in registry.regions]
+    return [d for r in registry.regions for d in _namespaces(registry, r, idle, stats)]
 
 
 def op_get(registry, req):

@@ -55,8 +55,16 @@ def test_list_disable_enable(served):
     assert ns["dev"] == "namespace0.0" and ns["mode"] == "sector" and ns["state"] == "enabled"
     assert ns["sector_size"] == 4096 and ns["uuid"] and ns["holder"] == "btt0.0"
 
+    assert "stats" not in ns
+    (ns,) = json.loads(bttctl("list", "--stats", "--control", ctl).stdout)
+    assert ns["durability"] == "group" and ns["stats"]["writes"] == 0
+
     h = connect(s)
     h.pwrite(pattern(1, 3, 4096), 3 * 4096)
+    h.flush()
+    (ns,) = json.loads(bttctl("list", "--stats", "--control", ctl).stdout)
+    assert ns["stats"]["writes"] == 1 and ns["stats"]["commits"] >= 1  # the flush committed
+    assert ns["stats"]["syncs"] >= 2
     p = bttctl("disable-namespace", "namespace0.0", "--control", ctl)
     assert p.returncode == 1 and "EBUSY" in p.stderr  # a client is connected
     assert exports(s) == ["namespace0.0"]
