@@ -8,7 +8,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["btt.c", "check.c", "backend.c", "crc32c.c"]
+SOURCES = ["btt.c", "check.c", "backend.c", "raw.c", "crc32c.c"]
 
 
 def public_api() -> str:

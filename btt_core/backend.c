@@ -102,6 +102,16 @@ static int file_zero(struct btt_io *io, uint64_t off, uint64_t len)
 	return 0;
 }
 
+static int file_allocate(struct btt_io *io, uint64_t off, uint64_t len)
+{
+	int rc = posix_fallocate(((struct file_io *)io)->fd, (off_t)off, (off_t)len);
+
+	if (rc)
+		return seterr(io_errno(rc), "cannot allocate %llu bytes at offset %llu: %s",
+			      (unsigned long long)len, (unsigned long long)off, strerror(rc));
+	return 0;
+}
+
 static uint64_t file_size(struct btt_io *io)
 {
 	struct stat st;
@@ -119,7 +129,7 @@ static void file_destroy(struct btt_io *io)
 
 static const struct btt_io_ops file_ops = {
 	.read = file_read, .write = file_write, .sync = file_sync,
-	.zero = file_zero, .size = file_size, .destroy = file_destroy,
+	.zero = file_zero, .allocate = file_allocate, .size = file_size, .destroy = file_destroy,
 };
 
 int btt_file_open(const char *path, int readonly, int create, uint64_t min_size,
@@ -364,9 +374,14 @@ static void mem_destroy(struct btt_io *io)
 	free(m);
 }
 
+static int mem_allocate(struct btt_io *io, uint64_t off, uint64_t len)
+{
+	return 0; /* memory images never run out of space */
+}
+
 static const struct btt_io_ops mem_ops = {
 	.read = mem_read, .write = mem_write, .sync = mem_sync,
-	.zero = mem_zero, .size = mem_size, .destroy = mem_destroy,
+	.zero = mem_zero, .allocate = mem_allocate, .size = mem_size, .destroy = mem_destroy,
 };
 
 static struct mem_io *mem_alloc(uint64_t size)

@@ -1704,21 +1704,21 @@ static int byte_range(struct btt *b, uint64_t len, uint64_t off)
 
 int btt_read(struct btt *b, uint64_t lba, uint64_t count, void *buf)
 {
-	int rc = btt_enter(b);
+	int rc = guard_enter(&b->guard);
 	if (rc)
 		return rc;
 	rc = do_read(b, lba, count, buf);
-	btt_leave(b);
+	guard_leave(&b->guard);
 	return rc;
 }
 
 int btt_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags)
 {
-	int rc = btt_enter(b);
+	int rc = guard_enter(&b->guard);
 	if (rc)
 		return rc;
 	rc = do_write(b, lba, count, buf, flags);
-	btt_leave(b);
+	guard_leave(&b->guard);
 	return rc;
 }
 
@@ -1729,21 +1729,21 @@ int btt_write_zeroes(struct btt *b, uint64_t lba, uint64_t count, int flags)
 
 int btt_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags)
 {
-	int rc = btt_enter(b);
+	int rc = guard_enter(&b->guard);
 	if (rc)
 		return rc;
 	rc = do_set_zero(b, lba, count, flags);
-	btt_leave(b);
+	guard_leave(&b->guard);
 	return rc;
 }
 
 int btt_flush(struct btt *b)
 {
-	int rc = btt_enter(b);
+	int rc = guard_enter(&b->guard);
 	if (rc)
 		return rc;
 	rc = do_flush(b);
-	btt_leave(b);
+	guard_leave(&b->guard);
 	return rc;
 }
 
@@ -1908,10 +1908,8 @@ int btt_shutdown(struct btt *b)
 {
 	int rc = 0;
 
-	if (!b || atomic_exchange(&b->shut, true))
+	if (!b || !guard_shut(&b->guard))
 		return 0;
-	while (atomic_load(&b->users) > 0)
-		sched_yield(); /* calls already inside finish; new ones see `shut` */
 	if (b->timer_running) {
 		pthread_mutex_lock(&b->elock);
 		b->timer_stop = true;

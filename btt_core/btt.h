@@ -27,6 +27,9 @@ struct btt_io_ops {
 	int (*sync)(struct btt_io *io);
 	/* Make [off, off+len) read as zeros without necessarily writing them (hole punch). */
 	int (*zero)(struct btt_io *io, uint64_t off, uint64_t len);
+	/* Give holes in [off, off+len) storage (they keep reading zeros), so later writes
+	 * there cannot fail for want of space. */
+	int (*allocate)(struct btt_io *io, uint64_t off, uint64_t len);
 	uint64_t (*size)(struct btt_io *io);
 	void (*destroy)(struct btt_io *io);
 };
@@ -194,6 +197,25 @@ struct btt_stats {
 	uint64_t redo_applied;
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);
+
+/* ---- raw exports (raw.c) ------------------------------------------------------ */
+
+/* A namespace served without a BTT: bytes [offset, offset+size) of the io, which the
+ * export owns from a successful open on. Requests must be aligned to `block`; every call
+ * counts itself in, so that after btt_raw_shutdown (which waits for the calls running and
+ * syncs) none reaches the file; btt_raw_free releases it once nobody can call any more. */
+struct btt_raw;
+/* btt_raw_zero flag: keep the range allocated (NBD_CMD_FLAG_NO_HOLE); BTT_FUA as well. */
+#define BTT_RAW_ALLOCATE 2
+int btt_raw_open(struct btt_io *io, uint64_t offset, uint64_t size, uint32_t block,
+		 int readonly, struct btt_raw **out);
+uint64_t btt_raw_size(struct btt_raw *r);
+int btt_raw_pread(struct btt_raw *r, void *buf, uint64_t len, uint64_t off);
+int btt_raw_pwrite(struct btt_raw *r, const void *buf, uint64_t len, uint64_t off, int flags);
+int btt_raw_zero(struct btt_raw *r, uint64_t len, uint64_t off, int flags);
+int btt_raw_flush(struct btt_raw *r);
+int btt_raw_shutdown(struct btt_raw *r);
+void btt_raw_free(struct btt_raw *r);
 
 /* ---- checking (check.c) ------------------------------------------------------- */
 

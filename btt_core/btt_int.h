@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 
@@ -17,6 +18,39 @@
 
 /* The per-thread error message of btt_errmsg(). Returns -err for `return seterr(...)`. */
 int seterr(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Shutdown while other threads may still call in (a namespace disabled under a connected
+ * client): calls count themselves in `users`; shutdown sets `shut` and waits for the users
+ * to drain; the memory is freed later, when the owner knows nobody can call any more. */
+struct call_guard {
+	_Atomic int users;
+	_Atomic bool shut;
+};
+
+static inline int guard_enter(struct call_guard *g)
+{
+	atomic_fetch_add(&g->users, 1);
+	if (atomic_load(&g->shut)) {
+		atomic_fetch_sub(&g->users, 1);
+		return seterr(ESHUTDOWN, "the namespace has been disabled");
+	}
+	return 0;
+}
+
+static inline void guard_leave(struct call_guard *g)
+{
+	atomic_fetch_sub(&g->users, 1);
+}
+
+/* Refuses new calls and waits for those inside; false if it was already shut. */
+static inline bool guard_shut(struct call_guard *g)
+{
+	if (atomic_exchange(&g->shut, true))
+		return false;
+	while (atomic_load(&g->users) > 0)
+		sched_yield();
+	return true;
+}
 
 enum lane_state { LANE_CLEAN = 0, LANE_RESERVED, LANE_STAGED };
 
@@ -123,28 +157,8 @@ struct btt {
 
 	struct btt_stats stats;
 
-	/* Shutdown while other threads may still call in (a namespace disabled under a
-	 * connected client): calls count themselves in `users`; btt_shutdown sets `shut` and
-	 * waits for users to drain; the memory is freed later by btt_free, when the owner
-	 * knows nobody can call any more. */
-	_Atomic int users;
-	_Atomic bool shut;
+	struct call_guard guard;
 };
-
-static inline int btt_enter(struct btt *b)
-{
-	atomic_fetch_add(&b->users, 1);
-	if (atomic_load(&b->shut)) {
-		atomic_fetch_sub(&b->users, 1);
-		return seterr(ESHUTDOWN, "the namespace has been disabled");
-	}
-	return 0;
-}
-
-static inline void btt_leave(struct btt *b)
-{
-	atomic_fetch_sub(&b->users, 1);
-}
 
 static inline uint32_t map_resolve(uint32_t entry, uint32_t premap)
 {

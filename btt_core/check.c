@@ -113,7 +113,7 @@ int btt_check(struct btt *b, struct btt_check_result *res, char *msgbuf, size_t 
 	memset(res, 0, sizeof(*res));
 	if (msgbuf && msglen)
 		msgbuf[0] = 0;
-	if ((rc = btt_enter(b)))
+	if ((rc = guard_enter(&b->guard)))
 		return rc;
 	/* The epoch lock keeps staging and commits still while the map is scanned. */
 	pthread_mutex_lock(&b->elock);
@@ -121,7 +121,7 @@ int btt_check(struct btt *b, struct btt_check_result *res, char *msgbuf, size_t 
 	for (int i = 0; i < b->narenas && !rc; i++)
 		rc = check_arena(b, &b->arenas[i], i, res, &rep);
 	pthread_mutex_unlock(&b->elock);
-	btt_leave(b);
+	guard_leave(&b->guard);
 	return rc;
 }
 

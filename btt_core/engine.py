@@ -185,10 +185,10 @@ def pack_info(fields: dict) -> bytes:
     return bytes(out)
 
 
-def _server_io(ptr):
+def _server_io(ptr, c_pread=lib.btt_pread, c_pwrite=lib.btt_pwrite):
     """A server's per-request calls: one C call each and no other Python frame, because
     every microsecond here is paid by every NBD request."""
-    c_pread, c_pwrite, from_buffer, fua_flag = lib.btt_pread, lib.btt_pwrite, ffi.from_buffer, lib.BTT_FUA
+    from_buffer, fua_flag = ffi.from_buffer, lib.BTT_FUA
 
     def pread(buf, offset: int) -> None:
         rc = c_pread(ptr, from_buffer(buf, require_writable=True), len(buf), offset)

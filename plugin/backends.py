@@ -1,100 +1,51 @@
 """The two ways a namespace is served: raw bytes of the region file, or through the BTT
 engine (sector mode). Each backend offers pread/pwrite/flush/zero/close; the plugin's data
-callbacks call them directly, so the hot path is one syscall (raw) or one C call (sector).
+callbacks call them directly, so the hot path is one C call per request in either mode.
 """
 from __future__ import annotations
 
 import errno
-import os
-import threading
 
-from btt_core import Btt, BttError, Io
+from btt_core import Btt, BttError
+from btt_core.raw import RawExport
 
 RAW_SECTOR = 4096  # block size of raw exports of label-less (io) namespaces
 MAX_REQUEST = 32 << 20  # the maximum block size we advertise (btt.h: BTT_MAX_REQUEST)
 
 
 class RawBackend:
-    """Bytes straight through to the file (zero copy into nbdkit's buffers).
+    """Bytes straight through to the file, one C call per request (btt_core/raw.py).
 
     Raw exports follow the same rule as sector exports: requests must be aligned to the
     advertised block size (the namespace's sector_size; 4096 for a label-less file), so every
     export refuses misaligned I/O alike and a client tuned on one mode behaves on the other.
-    A file tail shorter than a block is not exported.
+    A file tail shorter than a block is not exported. After close() (a disable or
+    reconfigure) every call fails with ESHUTDOWN, and calls already running are waited
+    for: none reaches the file afterwards, where the next namespace may live.
     """
 
     mode = "raw"
 
     def __init__(self, path: str, offset: int, size: int, readonly: bool,
                  sector_size: int = RAW_SECTOR):
-        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
-        self.io = Io.file(path, readonly=readonly)
-        self.offset, self.readonly = offset, readonly
-        self.size = size - size % sector_size
-        self.sector_size = sector_size
+        self.raw = RawExport(path, offset, size, sector_size, readonly)
+        self.readonly, self.size, self.sector_size = readonly, self.raw.size, sector_size
         self.uuid = ""
         self.zero_flag = False
-        # The Io (hole punching) has its own descriptor and C memory: zero requests and
-        # close() take turns on this lock, so close never frees what a zero is using and no
-        # zero runs after close (it would reach the file the next backend serves).
-        self._zero_lock = threading.Lock()
-        self._closed = False
-
-    def _check(self, offset: int, count: int) -> None:
-        # nbdkit has already refused requests past the end of the export.
-        if (offset | count) & (self.sector_size - 1):
-            raise OSError(errno.EINVAL, f"request [{offset}, +{count}) is not aligned to "
-                          f"{self.sector_size}-byte blocks")
-        if count > MAX_REQUEST:
-            raise OSError(errno.EINVAL, f"request larger than {MAX_REQUEST} bytes")
-
-    def pread(self, buf, offset: int) -> None:
-        self._check(offset, len(buf))
-        if os.preadv(self.fd, [buf], self.offset + offset) != len(buf):
-            raise OSError(errno.EIO, "short read from the region file")
-
-    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
-        self._check(offset, len(buf))
-        if os.pwrite(self.fd, buf, self.offset + offset) != len(buf):
-            raise OSError(errno.EIO, "short write to the region file")
-        if fua:
-            os.fdatasync(self.fd)
+        self.pread, self.pwrite = self.raw.pread, self.raw.pwrite  # the hot path
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        self.raw.flush()
 
     def zero_is_fast(self, may_trim: bool) -> bool:
         return True  # a punched hole, plus an allocation when holes are not allowed
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
-        self._check(offset, count)
-        with self._zero_lock:
-            if self._closed:
-                raise OSError(errno.ESHUTDOWN, "the namespace was disabled or reconfigured")
-            self.io.zero(self.offset + offset, count)  # a punched hole reads as zeros
-            if not may_trim:
-                # The client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE): fill the hole
-                # with allocated blocks that read as zeros, so a later write cannot hit ENOSPC.
-                os.posix_fallocate(self.fd, self.offset + offset, count)
-        if fua:
-            os.fdatasync(self.fd)
+        # Without may_trim the client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE).
+        self.raw.zero(offset, count, allocate=not may_trim, fua=fua)
 
     def close(self) -> None:
-        # Another thread may be about to use self.fd. Closing it would let the number be
-        # reused by some other file; pointing it at a read-only /dev/null instead makes any
-        # late read come back short (EIO) and any late write fail. Closed in __del__.
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, self.fd)
-        os.close(null)
-        with self._zero_lock:
-            self._closed = True
-            self.io.close()
-
-    def __del__(self):
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        self.raw.close()
 
 
 class SectorBackend:
