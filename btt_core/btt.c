@@ -1123,8 +1123,9 @@ static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
 	int rc;
 
 	for (;;) {
-		if (b->failed)
-			return b->failed;
+		if (b->failed) /* by a commit of another thread: say so in this one */
+			return seterr(-b->failed, "an earlier commit failed; writes are disabled "
+				      "until the BTT is reopened");
 		if (stage_find(a, b->cur ^ 1, premap) >= 0 &&
 		    btt_test_mutation != BTT_MUT_REWRITE_DURING_COMMIT) {
 			wait_commit_locked(b); /* the LBA's last write is being committed */
@@ -1467,8 +1468,9 @@ static int commit_locked(struct btt *b, uint64_t epoch)
 	int rc = 0;
 
 	for (;;) {
-		if (b->failed)
-			return b->failed;
+		if (b->failed) /* by a commit of another thread: say so in this one */
+			return seterr(-b->failed, "an earlier commit failed; writes are disabled "
+				      "until the BTT is reopened");
 		if (b->committing)
 			wait_commit_locked(b); /* the caller's epoch, or the one before it */
 		else if (b->epoch != epoch)
