@@ -112,6 +112,27 @@ static int file_allocate(struct btt_io *io, uint64_t off, uint64_t len)
 	return 0;
 }
 
+static uint64_t file_seek(struct btt_io *io, uint64_t off, int whence)
+{
+	off_t r = lseek(((struct file_io *)io)->fd, (off_t)off, whence);
+
+	if (r >= 0)
+		return (uint64_t)r;
+	if (errno == ENXIO) /* no data (or hole) after off: the rest reads as zeros */
+		return whence == SEEK_DATA ? UINT64_MAX : off;
+	return whence == SEEK_DATA ? off : UINT64_MAX; /* cannot tell: assume data */
+}
+
+static uint64_t file_next_data(struct btt_io *io, uint64_t off)
+{
+	return file_seek(io, off, SEEK_DATA);
+}
+
+static uint64_t file_next_hole(struct btt_io *io, uint64_t off)
+{
+	return file_seek(io, off, SEEK_HOLE);
+}
+
 static uint64_t file_size(struct btt_io *io)
 {
 	struct stat st;
@@ -129,7 +150,8 @@ static void file_destroy(struct btt_io *io)
 
 static const struct btt_io_ops file_ops = {
 	.read = file_read, .write = file_write, .sync = file_sync,
-	.zero = file_zero, .allocate = file_allocate, .size = file_size, .destroy = file_destroy,
+	.zero = file_zero, .allocate = file_allocate, .next_data = file_next_data,
+	.next_hole = file_next_hole, .size = file_size, .destroy = file_destroy,
 };
 
 int btt_file_open(const char *path, int readonly, int create, uint64_t min_size,
@@ -374,6 +396,33 @@ static void mem_destroy(struct btt_io *io)
 	free(m);
 }
 
+/* Pages never written (or zeroed) are the memory image's holes. */
+static uint64_t mem_next(struct btt_io *io, uint64_t off, bool data)
+{
+	struct mem_io *m = (struct mem_io *)io;
+	uint64_t found = data ? UINT64_MAX : m->size;
+
+	pthread_mutex_lock(&m->lock);
+	for (size_t i = (size_t)(off / MEM_PG); i < m->npages; i++) {
+		if ((m->pages[i] != NULL) == data) {
+			found = (uint64_t)i * MEM_PG > off ? (uint64_t)i * MEM_PG : off;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&m->lock);
+	return found;
+}
+
+static uint64_t mem_next_data(struct btt_io *io, uint64_t off)
+{
+	return mem_next(io, off, true);
+}
+
+static uint64_t mem_next_hole(struct btt_io *io, uint64_t off)
+{
+	return mem_next(io, off, false);
+}
+
 static int mem_allocate(struct btt_io *io, uint64_t off, uint64_t len)
 {
 	return 0; /* memory images never run out of space */
@@ -381,7 +430,8 @@ static int mem_allocate(struct btt_io *io, uint64_t off, uint64_t len)
 
 static const struct btt_io_ops mem_ops = {
 	.read = mem_read, .write = mem_write, .sync = mem_sync,
-	.zero = mem_zero, .allocate = mem_allocate, .size = mem_size, .destroy = mem_destroy,
+	.zero = mem_zero, .allocate = mem_allocate, .next_data = mem_next_data,
+	.next_hole = mem_next_hole, .size = mem_size, .destroy = mem_destroy,
 };
 
 static struct mem_io *mem_alloc(uint64_t size)

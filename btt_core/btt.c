@@ -529,6 +529,47 @@ static void map_cache_free(struct arena *a)
 		free(a->mcache[i].words);
 	}
 	free(a->mcache);
+	free((void *)a->map_hole);
+}
+
+/* Map pages that are holes in the file hold identity entries only: a fresh BTT's map is
+ * one big hole, and on a namespace larger than the cache every lookup of such a page was
+ * a read of a page the kernel zero-fills. The holes are found once, at open, by walking
+ * the map's data extents (at most MAP_EXTENTS_MAX; past them pages count as data). */
+#define MAP_EXTENTS_MAX 65536u
+
+static int map_holes_init(struct btt *b, struct arena *a)
+{
+	struct btt_io *io = b->io;
+	uint32_t pages = (a->lay.external_nlba + MAP_PAGE_WORDS - 1) / MAP_PAGE_WORDS;
+	uint64_t start = map_off(a, 0), end = start + (uint64_t)pages * BTT_PG_SIZE, off = start;
+
+	a->map_hole = calloc((pages + 63) / 64, sizeof(*a->map_hole));
+	if (!a->map_hole)
+		return seterr(ENOMEM, "out of memory");
+	for (uint32_t n = 0; off < end && n < MAP_EXTENTS_MAX; n++) {
+		uint64_t data = io->ops->next_data(io, off), stop = data < end ? data : end;
+		/* the pages wholly inside the hole [off, data) */
+		for (uint64_t p = (off - start + BTT_PG_SIZE - 1) / BTT_PG_SIZE;
+		     p < (stop - start) / BTT_PG_SIZE; p++)
+			a->map_hole[p / 64] |= 1ull << (p % 64);
+		if (data >= end)
+			break;
+		off = io->ops->next_hole(io, data);
+	}
+	return 0;
+}
+
+static bool map_page_is_hole(struct arena *a, uint32_t page)
+{
+	return atomic_load_explicit(&a->map_hole[page / 64], memory_order_relaxed) >> (page % 64) & 1;
+}
+
+/* Before page `page` is written (its slot lock held). */
+static void map_page_written(struct arena *a, uint32_t page)
+{
+	if (map_page_is_hole(a, page))
+		atomic_fetch_and(&a->map_hole[page / 64], ~(1ull << (page % 64)));
 }
 
 static struct map_page *map_slot(struct arena *a, uint32_t page)
@@ -554,9 +595,14 @@ static int map_cached_locked(struct btt *b, struct arena *a, struct map_page *s,
 		return 0;
 	if (!s->words && !(s->words = malloc(BTT_PG_SIZE)))
 		return seterr(ENOMEM, "out of memory");
-	rc = b->io->ops->read(b->io, s->words, (size_t)n * 4, map_off(a, first));
-	if (rc)
-		return rc;
+	if (map_page_is_hole(a, page)) {
+		memset(s->words, 0, (size_t)n * 4);
+	} else {
+		b->stats.map_reads++;
+		rc = b->io->ops->read(b->io, s->words, (size_t)n * 4, map_off(a, first));
+		if (rc)
+			return rc;
+	}
 	for (uint32_t i = 0; i < n; i++)
 		s->words[i] = le32toh(s->words[i]); /* nothing on little-endian hosts */
 	s->page = page;
@@ -577,10 +623,14 @@ static int map_get(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, 
 
 		pthread_mutex_lock(&s->lock);
 		rc = map_cached_locked(b, a, s, page, &hit);
-		if (!rc && hit)
+		if (!rc && hit) {
 			memcpy(out, s->words + in, (size_t)k * 4);
-		else if (!rc)
+		} else if (!rc && map_page_is_hole(a, page)) {
+			memset(out, 0, (size_t)k * 4);
+		} else if (!rc) {
+			b->stats.map_reads++;
 			rc = b->io->ops->read(b->io, out, (size_t)k * 4, map_off(a, premap));
+		}
 		pthread_mutex_unlock(&s->lock);
 		if (rc)
 			return rc;
@@ -605,6 +655,7 @@ static int map_put(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, 
 		for (uint32_t i = 0; i < k; i++)
 			put32(raw + 4 * i, words[i]);
 		pthread_mutex_lock(&s->lock);
+		map_page_written(a, page);
 		rc = b->io->ops->write(b->io, raw, (size_t)k * 4, map_off(a, premap));
 		if (rc)
 			s->held = false;
@@ -833,6 +884,8 @@ static int arena_load(struct btt *b, struct arena *a, int aidx)
 	for (unsigned i = 0; i < NSTRIPES; i++)
 		pthread_mutex_init(&a->stripes[i], NULL);
 	rc = map_cache_init(a);
+	if (!rc)
+		rc = map_holes_init(b, a);
 	if (rc)
 		return rc;
 	rc = b->io->ops->read(b->io, a->flog_shadow, flogsize, a->base + a->lay.logoff);
@@ -1279,6 +1332,7 @@ static int write_map_page(struct btt *b, struct arena *a, const struct staged_en
 				s->words[e[k].premap % MAP_PAGE_WORDS] = BTT_MAP_NORMAL | e[k].new_block;
 			for (uint32_t i = lo; i <= hi; i++)
 				put32(raw + 4 * (i - lo), s->words[i]);
+			map_page_written(a, page);
 			rc = b->io->ops->write(b->io, raw, (size_t)(hi - lo + 1) * 4,
 					       map_off(a, page * MAP_PAGE_WORDS + lo));
 			if (rc)

@@ -30,6 +30,11 @@ struct btt_io_ops {
 	/* Give holes in [off, off+len) storage (they keep reading zeros), so later writes
 	 * there cannot fail for want of space. */
 	int (*allocate)(struct btt_io *io, uint64_t off, uint64_t len);
+	/* Holes read as zeros. next_data: the first offset >= off that may hold data (a
+	 * backend that cannot tell answers off); next_hole: the first offset >= off in a
+	 * hole, or the size. Both may round to the backend's block size. */
+	uint64_t (*next_data)(struct btt_io *io, uint64_t off);
+	uint64_t (*next_hole)(struct btt_io *io, uint64_t off);
 	uint64_t (*size)(struct btt_io *io);
 	void (*destroy)(struct btt_io *io);
 };
@@ -195,6 +200,7 @@ struct btt_stats {
 	uint64_t syncs;         /* barriers issued to the backend */
 	uint64_t journal_replayed;
 	uint64_t redo_applied;
+	uint64_t map_reads;     /* map reads from the media (cache misses; approximate) */
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);
 

@@ -114,6 +114,9 @@ struct arena {
 	_Atomic uint32_t readers;  /* threads inside read_run (writers skip the RTT scan at 0) */
 	struct map_page *mcache;   /* direct-mapped: map page i lives in slot i % mc_slots */
 	uint32_t mc_slots;         /* a power of two */
+	/* Bit i: map page i is a hole in the file (reads as zeros, i.e. identity entries).
+	 * Set at open only; cleared under the page's slot lock before the page is written. */
+	_Atomic uint64_t *map_hole;
 };
 
 struct btt {

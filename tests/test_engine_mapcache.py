@@ -115,3 +115,30 @@ def test_readonly_open_sees_the_media_through_the_cache():
     ro = Btt.open_io(io, readonly=True, durability="none")
     assert ro.read(3, 1) == pattern(1, 3, 4096)
     ro.close()
+
+
+def test_map_pages_that_are_holes_are_not_read(tmp_path):
+    """A fresh 64 GiB BTT on a sparse file: its map (16,000 pages, 1,024 cache slots) is one
+    big hole, so random reads need no map read at all; a written page is read again, also
+    after a reopen, and the entries around a written one stay identity (zeros)."""
+    path = str(tmp_path / "big.img")
+    b = Btt.create(path, size=64 << 30, durability="group")
+    rng = random.Random(3)
+    for _ in range(3000):
+        assert b.read(rng.randrange(b.nlba), 1) == bytes(4096)
+    assert b.stats()["map_reads"] == 0
+    lbas = [5_000_000, 5_000_001, 9_000_000 + 7]
+    for lba in lbas:
+        b.write(lba, pattern(1, lba, 4096))
+    b.flush()
+    for lba in lbas:
+        assert b.read(lba, 1) == pattern(1, lba, 4096)
+        assert b.read(lba + 2, 1) == bytes(4096)
+    b.close()
+    b = Btt.open(path)
+    for lba in lbas:
+        assert b.read(lba, 1) == pattern(1, lba, 4096)
+        assert b.read(lba + 2, 1) == bytes(4096)
+    assert 0 < b.stats()["map_reads"] <= 2 * len(lbas)  # only the written pages
+    assert b.check()["clean"]
+    b.close()
