@@ -12,10 +12,11 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 # Debian packages: build (gcc, headers, cffi), serving (nbdkit + python plugin) and the
-# real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu).
+# real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu,
+# strace).
 DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
-	fuse3 e2fsprogs util-linux
+	fuse3 e2fsprogs util-linux strace
 
 .PHONY: venv test test-long serve bench clean deps
 

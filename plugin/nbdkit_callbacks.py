@@ -15,6 +15,7 @@ import nbdkit
 
 from plugin.backends import MAX_REQUEST
 from plugin.namespaces import Registry, lock_region
+from plugin.pythread import keep_thread_state
 
 API_VERSION = 2
 
@@ -39,11 +40,12 @@ class Connection:
     (forced) or switches mode, this connection's requests fail instead of reaching
     whatever the namespace serves next."""
 
-    __slots__ = ("export", "backend", "readonly", "pread", "pwrite")
+    __slots__ = ("export", "backend", "readonly", "pread", "pwrite", "thread_state")
 
     def __init__(self, export, readonly):
         self.export, self.backend, self.readonly = export, export.backend, readonly
         self.pread, self.pwrite = export.backend.pread, export.backend.pwrite  # bound once
+        self.thread_state = None
 
 
 def _error(e: OSError) -> OSError:
@@ -156,12 +158,18 @@ def open(readonly):
             known = ", ".join(n for n, _ in registry.list_exports()) or "none"
             raise LookupError(f"no export named {name!r}; exports: {known}")
         export.clients += 1
-        return Connection(export, readonly or export.backend.readonly)
+        h = Connection(export, readonly or export.backend.readonly)
+    # Last, so that no failure can follow it: nbdkit calls close() only after open() succeeded.
+    h.thread_state = keep_thread_state()  # plugin/pythread.py: no thread state per request
+    return h
 
 
 def close(h):
     with registry.lock:
         h.export.clients -= 1
+    if h.thread_state is not None and not h.thread_state.release():
+        nbdkit.debug("connection closed on another thread than it opened on: "
+                     "its Python thread state stays allocated")
 
 
 def export_description(h):
