@@ -2,7 +2,8 @@
 """`make bench`: our exports against reference servers, in one run, over Unix sockets.
 
 Servers (same data, same machine, one after another): nbdkit's `file` plugin (C), a plain
-Python pass-through plugin with our thread model (tools/passthrough_plugin.py), qemu-nbd,
+Python pass-through plugin with our thread model (tools/passthrough_plugin.py), the same
+pass-through keeping its thread state per connection as our plugin does, qemu-nbd,
 our raw export, and our BTT export with durability none, group and strict. Each runs the
 fio matrix below on a backing file on tmpfs and on a disk-backed directory. Results: JSON,
 a markdown table with ratios, a PNG chart (when matplotlib is present), written to
@@ -55,6 +56,9 @@ def servers(raw: str, btt: str, sock: str, threadmodel: str,
         "nbdkit-file": nbdkit + ["file", raw],
         "python-passthrough": nbdkit + ["python", PASSTHROUGH, f"file={raw}",
                                         f"threadmodel={threadmodel}"],
+        "python-passthrough-kept-tstate": nbdkit + ["python", PASSTHROUGH, f"file={raw}",
+                                                    f"threadmodel={threadmodel}",
+                                                    "keep-thread-state=on"],
         "qemu-nbd": ["qemu-nbd", "--socket", sock, "--format", "raw", "--persistent",
                      "--shared", "8", "--cache", "writeback", raw],
         "ours-raw": nbdkit + ["python", plugin, f"region={raw}"],
@@ -260,6 +264,15 @@ def markdown(all_results: dict, scale_res: dict | None, args) -> str:
              "python-passthrough", "randwrite 4k QD1", "lat_us", 1.15, False),
             ("group / strict randwrite 4k QD16", "ours-btt-group", "ours-btt-strict",
              "randwrite 4k QD16", "iops", None, True),
+            # No targets: how we compare with a pass-through that keeps its thread state too.
+            ("BTT randread 4k QD16 / python-passthrough-kept-tstate", "ours-btt-none",
+             "python-passthrough-kept-tstate", "randread 4k QD16", "iops", None, True),
+            ("BTT(none) randwrite 4k QD16 / python-passthrough-kept-tstate", "ours-btt-none",
+             "python-passthrough-kept-tstate", "randwrite 4k QD16", "iops", None, True),
+            ("BTT read QD1 latency / python-passthrough-kept-tstate", "ours-btt-none",
+             "python-passthrough-kept-tstate", "randread 4k QD1", "lat_us", None, False),
+            ("BTT(none) write QD1 latency / python-passthrough-kept-tstate", "ours-btt-none",
+             "python-passthrough-kept-tstate", "randwrite 4k QD1", "lat_us", None, False),
         ]
         for text, s, ref, job, key, target, higher in checks:
             r = ratio(results, s, ref, job, key)
