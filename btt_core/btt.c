@@ -530,46 +530,108 @@ static void map_cache_free(struct arena *a)
 	}
 	free(a->mcache);
 	free((void *)a->map_hole);
+	free((void *)a->data_hole);
 }
 
-/* Map pages that are holes in the file hold identity entries only: a fresh BTT's map is
- * one big hole, and on a namespace larger than the cache every lookup of such a page was
- * a read of a page the kernel zero-fills. The holes are found once, at open, by walking
- * the map's data extents (at most MAP_EXTENTS_MAX; past them pages count as data). */
-#define MAP_EXTENTS_MAX 65536u
+/* ---- holes in the file ----------------------------------------------------------------
+ *
+ * Map pages and data blocks that are holes in the file read as zeros, and on a sparse
+ * namespace most of them are: a fresh BTT's map is one big hole (identity entries), and
+ * an LBA never written maps to a data block never written. Reading a hole is not free —
+ * the kernel zero-fills page-cache pages for it, and its readahead fills up to 128 KiB
+ * more — so that a 4k random read of a fresh 1 TiB namespace cost a quarter of the CPU in
+ * memset. The holes are found once, at open, by walking the file's data extents (at most
+ * HOLE_EXTENTS_MAX per area; past them everything counts as data). A bit set means "this
+ * unit was a hole at open and nothing has been written to it since": bits are only ever
+ * cleared, before the write that ends the hole is issued, so a reader that finds one set
+ * may return zeros without reading. */
+#define HOLE_EXTENTS_MAX 65536u
+#define DATA_HOLE_UNIT (64u << 10) /* bytes of the data area per bit: 1 MiB of bits per 512 GiB */
 
-static int map_holes_init(struct btt *b, struct arena *a)
+/* Bitmap of the `units` units of `unit` bytes from `start` that lie wholly in holes. */
+static int holes_find(struct btt_io *io, uint64_t start, uint64_t unit, uint64_t units,
+		      _Atomic uint64_t **bits_out)
 {
-	struct btt_io *io = b->io;
-	uint32_t pages = (a->lay.external_nlba + MAP_PAGE_WORDS - 1) / MAP_PAGE_WORDS;
-	uint64_t start = map_off(a, 0), end = start + (uint64_t)pages * BTT_PG_SIZE, off = start;
+	uint64_t end = start + units * unit, off = start;
+	_Atomic uint64_t *bits = calloc((units + 63) / 64, sizeof(*bits));
 
-	a->map_hole = calloc((pages + 63) / 64, sizeof(*a->map_hole));
-	if (!a->map_hole)
+	if (!bits)
 		return seterr(ENOMEM, "out of memory");
-	for (uint32_t n = 0; off < end && n < MAP_EXTENTS_MAX; n++) {
+	for (uint32_t n = 0; off < end && n < HOLE_EXTENTS_MAX; n++) {
 		uint64_t data = io->ops->next_data(io, off), stop = data < end ? data : end;
-		/* the pages wholly inside the hole [off, data) */
-		for (uint64_t p = (off - start + BTT_PG_SIZE - 1) / BTT_PG_SIZE;
-		     p < (stop - start) / BTT_PG_SIZE; p++)
-			a->map_hole[p / 64] |= 1ull << (p % 64);
+		for (uint64_t u = (off - start + unit - 1) / unit; u < (stop - start) / unit; u++)
+			bits[u / 64] |= 1ull << (u % 64); /* the units wholly inside [off, data) */
 		if (data >= end)
 			break;
 		off = io->ops->next_hole(io, data);
 	}
+	*bits_out = bits;
 	return 0;
+}
+
+static bool hole_bit(_Atomic uint64_t *bits, uint64_t u)
+{
+	return atomic_load_explicit(&bits[u / 64], memory_order_relaxed) >> (u % 64) & 1;
+}
+
+static void hole_ends(_Atomic uint64_t *bits, uint64_t u)
+{
+	if (hole_bit(bits, u))
+		atomic_fetch_and(&bits[u / 64], ~(1ull << (u % 64)));
+}
+
+static int holes_init(struct btt *b, struct arena *a)
+{
+	uint32_t map_pages = (a->lay.external_nlba + MAP_PAGE_WORDS - 1) / MAP_PAGE_WORDS;
+	uint64_t data_len = (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize;
+	int rc = holes_find(b->io, map_off(a, 0), BTT_PG_SIZE, map_pages, &a->map_hole);
+
+	if (!rc) /* only units wholly inside the data area: the last partial one counts as data */
+		rc = holes_find(b->io, block_off(a, 0), DATA_HOLE_UNIT, data_len / DATA_HOLE_UNIT,
+				&a->data_hole);
+	return rc;
 }
 
 static bool map_page_is_hole(struct arena *a, uint32_t page)
 {
-	return atomic_load_explicit(&a->map_hole[page / 64], memory_order_relaxed) >> (page % 64) & 1;
+	return hole_bit(a->map_hole, page);
 }
 
 /* Before page `page` is written (its slot lock held). */
 static void map_page_written(struct arena *a, uint32_t page)
 {
-	if (map_page_is_hole(a, page))
-		atomic_fetch_and(&a->map_hole[page / 64], ~(1ull << (page % 64)));
+	hole_ends(a->map_hole, page);
+}
+
+/* The data units a block spans (two when its size does not divide the unit). */
+static void block_units(const struct arena *a, uint32_t block, uint64_t *first, uint64_t *last)
+{
+	uint64_t off = (uint64_t)block * a->lay.internal_lbasize;
+
+	*first = off / DATA_HOLE_UNIT;
+	*last = (off + a->lay.internal_lbasize - 1) / DATA_HOLE_UNIT;
+}
+
+static bool block_is_hole(const struct arena *a, uint32_t block)
+{
+	uint64_t first, last, units = (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize /
+				      DATA_HOLE_UNIT;
+
+	block_units(a, block, &first, &last);
+	return last < units && hole_bit(a->data_hole, first) && hole_bit(a->data_hole, last);
+}
+
+/* Before any write to data block `block` is issued. A reader that resolved a block in the
+ * same unit may still find the bit set: its own block was not written, so zeros are right;
+ * a reader of this block resolves it through the map, after the write. */
+static void block_written(struct arena *a, uint32_t block)
+{
+	uint64_t first, last, units = (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize /
+				      DATA_HOLE_UNIT;
+
+	block_units(a, block, &first, &last);
+	for (uint64_t u = first; u <= last && u < units; u++)
+		hole_ends(a->data_hole, u);
 }
 
 static struct map_page *map_slot(struct arena *a, uint32_t page)
@@ -885,7 +947,7 @@ static int arena_load(struct btt *b, struct arena *a, int aidx)
 		pthread_mutex_init(&a->stripes[i], NULL);
 	rc = map_cache_init(a);
 	if (!rc)
-		rc = map_holes_init(b, a);
+		rc = holes_init(b, a);
 	if (rc)
 		return rc;
 	rc = b->io->ops->read(b->io, a->flog_shadow, flogsize, a->base + a->lay.logoff);
@@ -1244,6 +1306,7 @@ static int write_sector(struct btt *b, struct arena *a, uint32_t premap, const u
 	pthread_mutex_unlock(&b->elock);
 
 	rtt_wait(a, block);
+	block_written(a, block);
 	rc = b->io->ops->write(b->io, src, a->sector_size, block_off(a, block));
 	if (!rc && b->journal)
 		crc = btt_crc32c(0, src, a->sector_size);
@@ -1397,8 +1460,10 @@ static void advance_lanes(struct btt *b)
 		ln->seq = seq_next[e->seq];
 		ln->sub ^= 1;
 		ln->block = e->old & BTT_MAP_MASK;
-		if (e->old & BTT_MAP_E) /* as the kernel: clear the errored block */
+		if (e->old & BTT_MAP_E) { /* as the kernel: clear the errored block */
+			block_written(a, ln->block);
 			b->io->ops->write(b->io, zeros, a->lay.internal_lbasize, block_off(a, ln->block));
+		}
 		ln->state = LANE_CLEAN;
 		a->clean_lanes++;
 		a->next_lane = 0;
@@ -1714,10 +1779,14 @@ static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n,
 		pthread_mutex_unlock(stripe);
 		if (rc)
 			break;
-		if ((entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_Z)
+		if ((entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_Z) {
 			memset(dst, 0, a->sector_size); /* every sector, unlike Linux (§10.1) */
-		else
+		} else if (block_is_hole(a, block)) {
+			memset(dst, 0, a->sector_size);
+			b->stats.hole_reads++;
+		} else {
 			rc = b->io->ops->read(b->io, dst, a->sector_size, block_off(a, block));
+		}
 		atomic_store(&a->rtt[slot], RTT_PENDING);
 	}
 	atomic_store(&a->rtt[slot], 0);

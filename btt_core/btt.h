@@ -201,6 +201,7 @@ struct btt_stats {
 	uint64_t journal_replayed;
 	uint64_t redo_applied;
 	uint64_t map_reads;     /* map reads from the media (cache misses; approximate) */
+	uint64_t hole_reads;    /* sectors read as zeros from a hole, unread (approximate) */
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);
 

@@ -117,6 +117,9 @@ struct arena {
 	/* Bit i: map page i is a hole in the file (reads as zeros, i.e. identity entries).
 	 * Set at open only; cleared under the page's slot lock before the page is written. */
 	_Atomic uint64_t *map_hole;
+	/* Bit i: bytes [i * DATA_HOLE_UNIT, +DATA_HOLE_UNIT) of the data area are a hole;
+	 * set at open only, cleared before any data block in them is written (btt.c). */
+	_Atomic uint64_t *data_hole;
 };
 
 struct btt {

@@ -142,3 +142,51 @@ def test_map_pages_that_are_holes_are_not_read(tmp_path):
     assert 0 < b.stats()["map_reads"] <= 2 * len(lbas)  # only the written pages
     assert b.check()["clean"]
     b.close()
+
+
+def test_data_blocks_that_are_holes_are_not_read(tmp_path):
+    """Unwritten LBAs of a fresh BTT on a sparse file map to data blocks that are holes:
+    they read as zeros without a pread. A write ends the hole of the block it lands in (a
+    free block, a hole too), so it reads back, while its unwritten neighbours in the same
+    64 KiB still read zeros; rewrites reuse freed blocks; a reopen finds the holes again."""
+    path = str(tmp_path / "sparse.img")
+    b = Btt.create(path, size=256 << 20, durability="none")
+    rng = random.Random(5)
+    for lba in rng.sample(range(b.nlba), 500):
+        assert b.read(lba, 1) == bytes(4096)
+    assert b.stats()["hole_reads"] == 500
+    written = {}
+    for lba in rng.sample(range(b.nlba), 300):
+        written[lba] = pattern(2, lba, 4096)
+        b.write(lba, written[lba])
+    for lba in list(written)[:100]:  # blocks freed by the first writes get reused
+        written[lba] = pattern(3, lba, 8192)[:4096]
+        b.write(lba, written[lba])
+    for reopen in (False, True):
+        if reopen:
+            b.close()
+            b = Btt.open(path)
+        for lba, data in written.items():
+            assert b.read(lba, 1) == data
+            if lba + 1 not in written and lba + 1 < b.nlba:
+                assert b.read(lba + 1, 1) == bytes(4096)
+        for lba in list(written)[:50]:  # multi-sector runs across holes and data
+            lo = max(lba - 3, 0)
+            hi = min(lba + 4, b.nlba)
+            assert b.read(lo, hi - lo) == b"".join(written.get(x, bytes(4096))
+                                                   for x in range(lo, hi))
+    assert b.check()["clean"]
+    b.close()
+
+
+def test_data_that_is_not_a_hole_is_read(tmp_path):
+    """A data area that holds bytes (a file written before the BTT was made) is read as it
+    is: unwritten LBAs return what their identity blocks hold, as on Linux."""
+    path = str(tmp_path / "full.img")
+    with open(path, "wb") as f:
+        f.write(b"\xab" * (64 << 20))
+    b = Btt.create(path, durability="none")
+    holes_before = b.stats()["hole_reads"]
+    assert b.read(b.nlba // 2, 1) == b"\xab" * 4096
+    assert b.stats()["hole_reads"] == holes_before
+    b.close()
