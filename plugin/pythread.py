@@ -30,7 +30,7 @@ except AttributeError:  # an interpreter without the C API symbols exported
     _ensure = _release = None
 
 _lock = threading.Lock()
-held = 0  # thread states currently kept alive (for tests and `list --stats`)
+held = 0  # thread states currently kept alive (tests read it)
 
 
 class ThreadStatePin:
