@@ -36,6 +36,21 @@ def in_flight_at_kill(iolog, depth=16):
     return set(writes[-depth:]), len(writes)
 
 
+KILL_AFTER_WRITES = 8000  # of the 61,440 blocks: mid-run however fast the server is
+
+
+def wait_for_writes(writer, iolog, n, timeout=60):
+    """Returns once fio has logged n writes (a time-based wait was outrun by a faster
+    server: fio finished before the kill)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert writer.poll() is None, "fio finished before the kill"
+        if iolog.exists() and iolog.read_text().count(" write ") >= n:
+            return
+        assert time.monotonic() < deadline, f"fio logged fewer than {n} writes in {timeout} s"
+        time.sleep(0.02)
+
+
 def kill_9_cycles(tmp_path, durability, cycles, env=None):
     """Runs write/kill -9/verify cycles; returns the acknowledged writes found lost."""
     region = str(tmp_path / "region.img")
@@ -49,8 +64,7 @@ def kill_9_cycles(tmp_path, durability, cycles, env=None):
             fio_job(server.uri(), "--do_verify=0", "--verify_state_save=1",
                     f"--write_iolog={iolog}"), cwd=tmp_path, env=ENV,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.5 if durability != "strict" else 2.5)
-        assert writer.poll() is None, "fio finished before the kill"
+        wait_for_writes(writer, iolog, KILL_AFTER_WRITES)
         server.proc.send_signal(signal.SIGKILL)  # mid-run: requests in flight
         server.proc.wait()
         writer.wait(30)
