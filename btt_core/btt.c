@@ -859,7 +859,7 @@ static uint32_t rtt_acquire(struct arena *a)
  * commit that freed the block, so never to it. */
 static void rtt_wait(struct arena *a, uint32_t block)
 {
-	if (atomic_load(&a->readers) == 0)
+	if (atomic_load(&a->readers) == 0 || btt_test_mutation == BTT_MUT_NO_RTT_WAIT)
 		return;
 	for (uint32_t i = 0; i < a->lay.nfree; i++)
 		while (atomic_load(&a->rtt[i]) == (RTT_VALID | block))

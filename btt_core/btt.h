@@ -272,6 +272,7 @@ enum {
 	BTT_MUT_REWRITE_DURING_COMMIT = 4, /* an LBA being committed written again at once */
 	BTT_MUT_JOURNAL_RETIRED_EARLY = 5, /* the journal calls an epoch committed too soon */
 	BTT_MUT_REPLAY_ONE_EPOCH = 6,      /* replay ignores the epoch filled during a commit */
+	BTT_MUT_NO_RTT_WAIT = 7,           /* writers reuse blocks that readers are still copying */
 };
 extern int btt_test_mutation;
 

@@ -90,3 +90,73 @@ def test_writers_waiting_for_one_commit_do_not_commit_again(tmpfile):
     commits = b.stats()["commits"] - before
     b.close()
     assert commits <= nthreads * per_thread // 256, commits
+
+
+def reads_racing_block_reuse(tmpfile, seconds, stop_at_first=False):
+    """Writers rewrite a few LBAs as fast as they can (durability none: every write frees a
+    block at once, and the next write in that lane reuses it) while readers read runs of 1
+    to 16 of them. Every sector read must be one whole version written for that LBA (or
+    never written): a block reused under a reader shows another LBA's or half of one."""
+    import time
+    b = Btt.create(tmpfile, size=40 * MiB, durability="none")
+    ss, nlbas = b.sector_size, 48
+
+    def version(t, seq, lba):  # 16 bytes: writer, sequence, LBA; repeated over the sector
+        return f"{t}{seq % 10 ** 9:09d}:{lba:05d}".encode() * (ss // TAG)
+
+    b.write(0, b"".join(version(9, 0, lba) for lba in range(nlbas)))  # contiguous blocks
+    errors, stop = [], threading.Event()
+
+    def writer(t):
+        rng, seq = random.Random(t), 0
+        while not stop.is_set():
+            lba = rng.randrange(nlbas - 4)
+            n = rng.randint(1, 4)
+            seq += 1
+            b.write(lba, b"".join(version(t, seq, lba + i) for i in range(n)))
+
+    def reader(t):
+        rng = random.Random(100 + t)
+        while not stop.is_set():
+            lba = rng.randrange(nlbas)
+            n = rng.randint(1, min(16, nlbas - lba))
+            got = b.read(lba, n)
+            for i in range(n):
+                sector = got[i * ss:(i + 1) * ss]
+                head = sector[:TAG]
+                if sector != head * (ss // TAG) or int(head[11:16]) != lba + i:
+                    errors.append(f"LBA {lba + i} read {head!r}...{sector[-TAG:]!r}")
+                    if stop_at_first:
+                        stop.set()
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
+    threads += [threading.Thread(target=reader, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not stop.is_set():
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    r = b.check()
+    b.close()
+    assert r["clean"], r["problems"]
+    return errors
+
+
+def test_reads_never_see_a_block_reused_under_them(tmpfile):
+    errors = reads_racing_block_reuse(tmpfile, seconds=3)
+    assert not errors, errors[:5]
+
+
+def test_block_reuse_check_catches_writers_that_ignore_readers(tmpfile):
+    """The mutation check for the test above: with the RTT wait switched off it must see a
+    reader get a reused block (given up to 30 s; it usually takes well under one)."""
+    from btt_core._btt_cffi import lib
+    lib.btt_test_mutation = lib.BTT_MUT_NO_RTT_WAIT
+    try:
+        errors = reads_racing_block_reuse(tmpfile, seconds=30, stop_at_first=True)
+    finally:
+        lib.btt_test_mutation = 0
+    assert errors
