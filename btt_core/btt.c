@@ -834,7 +834,12 @@ static void stage_reset(struct arena *a, int t)
 
 /* ---- read tracking table (§7.1) -------------------------------------------------- */
 
-#define RTT_PENDING (RTT_VALID | 0x40000000u) /* a slot taken before its block is known */
+#define RTT_PENDING RTT_TAKEN /* a slot taken before any block is published in it */
+
+static uint64_t rtt_range(uint32_t first, uint32_t count)
+{
+	return RTT_TAKEN | (uint64_t)count << 32 | first;
+}
 
 static __thread uint32_t rtt_hint;
 
@@ -844,7 +849,8 @@ static uint32_t rtt_acquire(struct arena *a)
 
 	for (;;) {
 		for (uint32_t k = 0; k < n; k++) {
-			uint32_t i = (rtt_hint + k) % n, zero = 0;
+			uint32_t i = (rtt_hint + k) % n;
+			uint64_t zero = 0;
 			if (atomic_compare_exchange_strong(&a->rtt[i], &zero, RTT_PENDING)) {
 				rtt_hint = i;
 				return i;
@@ -852,6 +858,13 @@ static uint32_t rtt_acquire(struct arena *a)
 		}
 		sched_yield();
 	}
+}
+
+static bool rtt_covers(uint64_t slot, uint32_t block)
+{
+	uint32_t first = (uint32_t)slot, count = (uint32_t)(slot >> 32) & 0x7fffffffu;
+
+	return (slot & RTT_TAKEN) && block - first < count; /* unsigned: block >= first */
 }
 
 /* A writer about to fill free block `block` waits for readers still copying it. With no
@@ -862,7 +875,7 @@ static void rtt_wait(struct arena *a, uint32_t block)
 	if (atomic_load(&a->readers) == 0 || btt_test_mutation == BTT_MUT_NO_RTT_WAIT)
 		return;
 	for (uint32_t i = 0; i < a->lay.nfree; i++)
-		while (atomic_load(&a->rtt[i]) == (RTT_VALID | block))
+		while (rtt_covers(atomic_load(&a->rtt[i]), block))
 			sched_yield();
 }
 
@@ -1748,20 +1761,49 @@ static int do_flush(struct btt *b)
 
 /* ---- the read path (§7.2) ------------------------------------------------------------ */
 
+/* Sectors of a read whose blocks follow one another in the file, copied with one pread.
+ * `slot` is the RTT slot that publishes them. */
+struct read_span {
+	uint32_t slot, first, count;
+	uint8_t *dst;
+};
+
+static int span_copy(struct btt *b, struct arena *a, struct read_span *s)
+{
+	int rc = 0;
+
+	if (s->count) {
+		b->stats.data_reads++;
+		rc = b->io->ops->read(b->io, s->dst, (size_t)s->count * a->sector_size,
+				      block_off(a, s->first));
+	}
+	atomic_store(&a->rtt[s->slot], RTT_PENDING);
+	s->count = 0;
+	return rc;
+}
+
 /* Reads sectors [premap, premap+n) of one arena. Each sector's mapping is looked up
  * (staged table, then the map) and published in the RTT under its map lock, so no writer
- * can reuse the block before the copy is done. */
+ * can reuse the block before the copy is done. Sectors whose blocks are consecutive in the
+ * file are gathered into a span and copied with one pread (a sequentially written range
+ * mostly is: 32 preads per 128 KiB read became one or two). A block that does not extend
+ * the span is published in a second slot, and the span is copied before the next one
+ * starts, so each block is covered from its lookup until its copy is done. */
 static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, uint8_t *dst)
 {
-	uint32_t slot;
+	/* blocks are sector-sized only then; otherwise every span is one sector long */
+	bool gather = a->lay.internal_lbasize == a->sector_size;
+	struct read_span span = {0}, next = {0};
 	int rc = 0;
 
 	atomic_fetch_add(&a->readers, 1);
-	slot = rtt_acquire(a);
+	span.slot = rtt_acquire(a);
+	next.slot = rtt_acquire(a);
 
 	for (uint32_t i = 0; i < n && !rc; i++, dst += a->sector_size) {
 		uint32_t p = premap + i, entry, block;
 		pthread_mutex_t *stripe = stripe_of(a, p);
+		bool zero_flag, hole, extends = false;
 
 		pthread_mutex_lock(stripe);
 		if (!staged_lookup(a, p, &entry))
@@ -1774,22 +1816,33 @@ static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n,
 			rc = seterr(EIO, "map entry 0x%08x of LBA %llu points beyond the %u data blocks",
 				    entry, (unsigned long long)(a->lay.lba_start + p),
 				    a->lay.internal_nlba);
-		if (!rc && (entry & (BTT_MAP_Z | BTT_MAP_E)) != BTT_MAP_Z)
-			atomic_store(&a->rtt[slot], RTT_VALID | block);
-		pthread_mutex_unlock(stripe);
-		if (rc)
-			break;
-		if ((entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_Z) {
-			memset(dst, 0, a->sector_size); /* every sector, unlike Linux (§10.1) */
-		} else if (block_is_hole(a, block)) {
-			memset(dst, 0, a->sector_size);
-			b->stats.hole_reads++;
-		} else {
-			rc = b->io->ops->read(b->io, dst, a->sector_size, block_off(a, block));
+		/* Z: every sector reads zeros, unlike Linux (§10.1); a hole needs no read */
+		zero_flag = (entry & (BTT_MAP_Z | BTT_MAP_E)) == BTT_MAP_Z;
+		hole = !rc && !zero_flag && block_is_hole(a, block);
+		if (!rc && !zero_flag && !hole) {
+			extends = gather && span.count && block == span.first + span.count;
+			if (extends)
+				atomic_store(&a->rtt[span.slot], rtt_range(span.first, ++span.count));
+			else
+				atomic_store(&a->rtt[next.slot], rtt_range(block, 1));
 		}
-		atomic_store(&a->rtt[slot], RTT_PENDING);
+		pthread_mutex_unlock(stripe);
+		if (rc || extends)
+			continue;
+		rc = span_copy(b, a, &span); /* the span ends here */
+		if (zero_flag || hole) {
+			memset(dst, 0, a->sector_size);
+			b->stats.hole_reads += hole;
+		} else {
+			struct read_span started = next;
+			next = span, span = started; /* the slot just published holds the new span */
+			span.first = block, span.count = 1, span.dst = dst;
+		}
 	}
-	atomic_store(&a->rtt[slot], 0);
+	if (!rc)
+		rc = span_copy(b, a, &span);
+	atomic_store(&a->rtt[span.slot], 0);
+	atomic_store(&a->rtt[next.slot], 0);
 	atomic_fetch_sub(&a->readers, 1);
 	return rc;
 }

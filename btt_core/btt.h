@@ -202,6 +202,7 @@ struct btt_stats {
 	uint64_t redo_applied;
 	uint64_t map_reads;     /* map reads from the media (cache misses; approximate) */
 	uint64_t hole_reads;    /* sectors read as zeros from a hole, unread (approximate) */
+	uint64_t data_reads;    /* preads of data blocks: one per span of consecutive blocks */
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);
 

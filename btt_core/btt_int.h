@@ -12,7 +12,9 @@
 
 #include "btt.h"
 
-#define RTT_VALID 0x80000000u
+/* A read-tracking slot: 0 when free, else RTT_TAKEN | count << 32 | first block: the
+ * reader holding it may be copying blocks [first, first + count). */
+#define RTT_TAKEN (1ull << 63)
 #define NSTRIPES 256u /* map locks per arena, as the kernel's nfree map locks */
 #define STAGE_SLOTS 1024u /* hash slots per arena; > 2 x max staged entries (nfree <= 256) */
 
@@ -99,7 +101,7 @@ struct arena {
 	uint32_t next_lane;      /* no clean lane has a lower index */
 	uint8_t *flog_shadow;    /* in-memory copy of the flog groups, nfree * 64 bytes */
 
-	_Atomic uint32_t *rtt;   /* nfree read-tracking slots: RTT_VALID | block, or 0 */
+	_Atomic uint64_t *rtt;   /* nfree read-tracking slots (RTT_TAKEN above), or 0 */
 	pthread_mutex_t stripes[NSTRIPES]; /* map locks */
 	/* Staged map words, visible to readers: key premap+1 (0 = empty), value map word,
 	 * or STAGE_RESERVED while the data is still being written. Changed under elock

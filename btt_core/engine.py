@@ -379,7 +379,8 @@ class Btt:
         s = ffi.new("struct btt_stats *")
         lib.btt_get_stats(self._ptr, s)
         return {k: getattr(s, k) for k in ("writes", "commits", "syncs", "journal_replayed",
-                                           "redo_applied", "map_reads", "hole_reads")}
+                                           "redo_applied", "map_reads", "hole_reads",
+                                           "data_reads")}
 
     def check(self) -> dict:
         """The bitmap rule over map + free lists; {'clean': bool, counts..., 'problems': [...]}."""
