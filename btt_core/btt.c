@@ -843,21 +843,31 @@ static uint64_t rtt_range(uint32_t first, uint32_t count)
 
 static __thread uint32_t rtt_hint;
 
-static uint32_t rtt_acquire(struct arena *a)
+/* Takes a free slot if there is one. */
+static bool rtt_try_acquire(struct arena *a, uint32_t *slot)
 {
 	uint32_t n = a->lay.nfree;
 
-	for (;;) {
-		for (uint32_t k = 0; k < n; k++) {
-			uint32_t i = (rtt_hint + k) % n;
-			uint64_t zero = 0;
-			if (atomic_compare_exchange_strong(&a->rtt[i], &zero, RTT_PENDING)) {
-				rtt_hint = i;
-				return i;
-			}
+	for (uint32_t k = 0; k < n; k++) {
+		uint32_t i = (rtt_hint + k) % n;
+		uint64_t zero = 0;
+		if (atomic_compare_exchange_strong(&a->rtt[i], &zero, RTT_PENDING)) {
+			rtt_hint = i;
+			*slot = i;
+			return true;
 		}
-		sched_yield();
 	}
+	return false;
+}
+
+/* Waits for a free slot: readers holding one finish without needing another. */
+static uint32_t rtt_acquire(struct arena *a)
+{
+	uint32_t slot;
+
+	while (!rtt_try_acquire(a, &slot))
+		sched_yield();
+	return slot;
 }
 
 static bool rtt_covers(uint64_t slot, uint32_t block)
@@ -1772,11 +1782,11 @@ static int span_copy(struct btt *b, struct arena *a, struct read_span *s)
 {
 	int rc = 0;
 
-	if (s->count) {
-		b->stats.data_reads++;
-		rc = b->io->ops->read(b->io, s->dst, (size_t)s->count * a->sector_size,
-				      block_off(a, s->first));
-	}
+	if (!s->count)
+		return 0;
+	b->stats.data_reads++;
+	rc = b->io->ops->read(b->io, s->dst, (size_t)s->count * a->sector_size,
+			      block_off(a, s->first));
 	atomic_store(&a->rtt[s->slot], RTT_PENDING);
 	s->count = 0;
 	return rc;
@@ -1788,17 +1798,24 @@ static int span_copy(struct btt *b, struct arena *a, struct read_span *s)
  * file are gathered into a span and copied with one pread (a sequentially written range
  * mostly is: 32 preads per 128 KiB read became one or two). A block that does not extend
  * the span is published in a second slot, and the span is copied before the next one
- * starts, so each block is covered from its lookup until its copy is done. */
+ * starts, so each block is covered from its lookup until its copy is done. A reader that
+ * finds no second slot free (more readers than slots) copies each sector at once with its
+ * one slot, as readers did before spans: waiting for a second slot while holding one could
+ * deadlock with other readers doing the same. */
 static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, uint8_t *dst)
 {
 	/* blocks are sector-sized only then; otherwise every span is one sector long */
-	bool gather = a->lay.internal_lbasize == a->sector_size;
+	bool gather = a->lay.internal_lbasize == a->sector_size, two_slots;
 	struct read_span span = {0}, next = {0};
 	int rc = 0;
 
 	atomic_fetch_add(&a->readers, 1);
 	span.slot = rtt_acquire(a);
-	next.slot = rtt_acquire(a);
+	two_slots = rtt_try_acquire(a, &next.slot);
+	if (!two_slots) {
+		next.slot = span.slot; /* empty whenever a block is published in it: see below */
+		gather = false;
+	}
 
 	for (uint32_t i = 0; i < n && !rc; i++, dst += a->sector_size) {
 		uint32_t p = premap + i, entry, block;
@@ -1837,12 +1854,15 @@ static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n,
 			struct read_span started = next;
 			next = span, span = started; /* the slot just published holds the new span */
 			span.first = block, span.count = 1, span.dst = dst;
+			if (!two_slots)
+				rc = span_copy(b, a, &span);
 		}
 	}
 	if (!rc)
 		rc = span_copy(b, a, &span);
 	atomic_store(&a->rtt[span.slot], 0);
-	atomic_store(&a->rtt[next.slot], 0);
+	if (two_slots)
+		atomic_store(&a->rtt[next.slot], 0);
 	atomic_fetch_sub(&a->readers, 1);
 	return rc;
 }
@@ -2175,6 +2195,13 @@ int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags)
 				     (flags & (BTT_MAP_Z | BTT_MAP_E)) | map_resolve(entry, premap));
 	pthread_mutex_unlock(stripe_of(a, premap));
 	return rc;
+}
+
+void btt_debug_hold_rtt(struct btt *b, uint32_t count)
+{
+	for (int i = 0; i < b->narenas; i++)
+		for (uint32_t k = 0; k < b->arenas[i].lay.nfree; k++)
+			atomic_store(&b->arenas[i].rtt[k], k < count ? RTT_PENDING : 0);
 }
 
 int btt_debug_commit_step(struct btt *b)

@@ -286,6 +286,9 @@ int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags);
  * commit is open, 0 when none is, or a negative errno. A write that must wait for the
  * commit runs its remaining steps itself. */
 int btt_debug_commit_step(struct btt *b);
+/* Tests: marks the first `count` read-tracking slots of every arena taken, as readers
+ * parked inside a read would hold them (0 frees them again). Call with no reads running. */
+void btt_debug_hold_rtt(struct btt *b, uint32_t count);
 
 const char *btt_errmsg(void);
 uint32_t btt_crc32c(uint32_t crc, const void *buf, size_t len);

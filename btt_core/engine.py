@@ -402,6 +402,11 @@ class Btt:
         that writes can be staged while it is open. True while a commit is open."""
         return _check(lib.btt_debug_commit_step(self._ptr)) == 1
 
+    def hold_rtt(self, count: int) -> None:
+        """Tests: take the first `count` read-tracking slots of each arena, as readers
+        parked inside a read would (btt.h, btt_debug_hold_rtt); 0 gives them back."""
+        lib.btt_debug_hold_rtt(self._ptr, count)
+
     # ---- closing ------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -129,8 +129,8 @@ def reads_racing_block_reuse(tmpfile, seconds, stop_at_first=False):
                     if stop_at_first:
                         stop.set()
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
-    threads += [threading.Thread(target=reader, args=(t,)) for t in range(3)]
+    threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(3)]
+    threads += [threading.Thread(target=reader, args=(t,), daemon=True) for t in range(3)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + seconds
@@ -138,7 +138,8 @@ def reads_racing_block_reuse(tmpfile, seconds, stop_at_first=False):
         time.sleep(0.05)
     stop.set()
     for t in threads:
-        t.join()
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "readers or writers are stuck"
     r = b.check()
     b.close()
     assert r["clean"], r["problems"]
@@ -148,6 +149,30 @@ def reads_racing_block_reuse(tmpfile, seconds, stop_at_first=False):
 def test_reads_never_see_a_block_reused_under_them(tmpfile):
     errors = reads_racing_block_reuse(tmpfile, seconds=3)
     assert not errors, errors[:5]
+
+
+def test_a_reader_with_one_free_slot_still_reads(tmpfile):
+    """A reader takes a second RTT slot only if one is free (each arena has 256). With all
+    but one taken, as if 255 readers were parked mid-read, a multi-sector read must finish
+    with the one slot left; waiting for a second could deadlock readers that each hold
+    one."""
+    b = Btt.create(tmpfile, size=40 * MiB, durability="none")
+    data = b"".join(content(1, 1, lba, b.sector_size) for lba in range(32))
+    b.write(0, data)
+    b.write(5, content(2, 2, 5, b.sector_size))  # a block outside the first span
+    expect = data[:5 * 4096] + content(2, 2, 5, 4096) + data[6 * 4096:]
+    got = []
+    b.hold_rtt(255)
+    try:
+        t = threading.Thread(target=lambda: got.append(b.read(0, 32)), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the read waits for a second read-tracking slot"
+    finally:
+        b.hold_rtt(0)
+    assert got == [expect]
+    assert b.read(0, 32) == expect  # with both slots
+    b.close()
 
 
 def test_block_reuse_check_catches_writers_that_ignore_readers(tmpfile):
