@@ -580,14 +580,19 @@ static void hole_ends(_Atomic uint64_t *bits, uint64_t u)
 		atomic_fetch_and(&bits[u / 64], ~(1ull << (u % 64)));
 }
 
+/* Units wholly inside the data area: a last partial one counts as data, and has no bit. */
+static uint64_t data_hole_units(const struct arena *a)
+{
+	return (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize / DATA_HOLE_UNIT;
+}
+
 static int holes_init(struct btt *b, struct arena *a)
 {
 	uint32_t map_pages = (a->lay.external_nlba + MAP_PAGE_WORDS - 1) / MAP_PAGE_WORDS;
-	uint64_t data_len = (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize;
 	int rc = holes_find(b->io, map_off(a, 0), BTT_PG_SIZE, map_pages, &a->map_hole);
 
-	if (!rc) /* only units wholly inside the data area: the last partial one counts as data */
-		rc = holes_find(b->io, block_off(a, 0), DATA_HOLE_UNIT, data_len / DATA_HOLE_UNIT,
+	if (!rc)
+		rc = holes_find(b->io, block_off(a, 0), DATA_HOLE_UNIT, data_hole_units(a),
 				&a->data_hole);
 	return rc;
 }
@@ -614,11 +619,11 @@ static void block_units(const struct arena *a, uint32_t block, uint64_t *first, 
 
 static bool block_is_hole(const struct arena *a, uint32_t block)
 {
-	uint64_t first, last, units = (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize /
-				      DATA_HOLE_UNIT;
+	uint64_t first, last;
 
 	block_units(a, block, &first, &last);
-	return last < units && hole_bit(a->data_hole, first) && hole_bit(a->data_hole, last);
+	return last < data_hole_units(a) && hole_bit(a->data_hole, first) &&
+	       hole_bit(a->data_hole, last);
 }
 
 /* Before any write to data block `block` is issued. A reader that resolved a block in the
@@ -626,11 +631,10 @@ static bool block_is_hole(const struct arena *a, uint32_t block)
  * a reader of this block resolves it through the map, after the write. */
 static void block_written(struct arena *a, uint32_t block)
 {
-	uint64_t first, last, units = (uint64_t)a->lay.internal_nlba * a->lay.internal_lbasize /
-				      DATA_HOLE_UNIT;
+	uint64_t first, last;
 
 	block_units(a, block, &first, &last);
-	for (uint64_t u = first; u <= last && u < units; u++)
+	for (uint64_t u = first; u <= last && u < data_hole_units(a); u++)
 		hole_ends(a->data_hole, u);
 }
 
