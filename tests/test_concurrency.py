@@ -1,6 +1,7 @@
 """Many threads writing and reading overlapping and disjoint LBAs (lanes, RTT, map locks)."""
 import random
 import threading
+import time
 
 import pytest
 
@@ -97,7 +98,6 @@ def reads_racing_block_reuse(tmpfile, seconds, stop_at_first=False):
     block at once, and the next write in that lane reuses it) while readers read runs of 1
     to 16 of them. Every sector read must be one whole version written for that LBA (or
     never written): a block reused under a reader shows another LBA's or half of one."""
-    import time
     b = Btt.create(tmpfile, size=40 * MiB, durability="none")
     ss, nlbas = b.sector_size, 48
 

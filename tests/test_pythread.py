@@ -1,7 +1,6 @@
 """A connection's Python thread state lives from open() to close() (plugin/pythread.py):
 requests do not build and tear one down each, and connections that come and go leave none
 behind or crash the interpreter."""
-import os
 import shutil
 import signal
 import subprocess
@@ -42,9 +41,9 @@ def test_pin_is_released_only_on_its_own_thread():
     assert pythread.held == before
 
 
-def _mmaps_during(pid: int, work) -> int:
-    """mmap plus munmap calls made by every thread of pid while work() runs."""
-    out = f"/tmp/strace-{pid}-{time.monotonic_ns()}.txt"
+def _mmaps_during(pid: int, work, out) -> int:
+    """mmap plus munmap calls made by every thread of pid while work() runs (strace's
+    summary goes to the file out)."""
     tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=mmap,munmap", "-o", out,
                                "-p", str(pid)], stderr=subprocess.DEVNULL)
     try:
@@ -53,11 +52,8 @@ def _mmaps_during(pid: int, work) -> int:
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(10)
-    try:
-        with open(out) as f:
-            rows = [line.split() for line in f if line.split()[-1:] in (["mmap"], ["munmap"])]
-    finally:
-        os.unlink(out)
+    with open(out) as f:
+        rows = [line.split() for line in f if line.split()[-1:] in (["mmap"], ["munmap"])]
     return sum(int(row[3]) for row in rows)
 
 
@@ -77,7 +73,7 @@ def test_requests_reuse_the_connection_thread_state(tmp_path):
                     h.pwrite(b"y" * 4096, (i % 64) * 4096)
 
             # Without the pin each of the 2000 requests maps and unmaps a frame stack.
-            assert _mmaps_during(s.proc.pid, requests) < 200
+            assert _mmaps_during(s.proc.pid, requests, tmp_path / "strace.txt") < 200
         finally:
             h.shutdown()
 
