@@ -15,7 +15,7 @@ import nbdkit
 
 from plugin.backends import MAX_REQUEST
 from plugin.namespaces import Registry, lock_region
-from plugin.pythread import keep_thread_state
+from plugin.pythread import ConnectionThreads, keep_thread_state
 
 API_VERSION = 2
 
@@ -40,12 +40,18 @@ class Connection:
     (forced) or switches mode, this connection's requests fail instead of reaching
     whatever the namespace serves next."""
 
-    __slots__ = ("export", "backend", "readonly", "pread", "pwrite", "thread_state")
+    __slots__ = ("export", "backend", "readonly", "pread", "pwrite", "thread_state", "workers")
 
-    def __init__(self, export, readonly):
+    def __init__(self, export, readonly, parallel: bool):
         self.export, self.backend, self.readonly = export, export.backend, readonly
         self.pread, self.pwrite = export.backend.pread, export.backend.pwrite  # bound once
         self.thread_state = None
+        # PARALLEL: requests run on nbdkit's worker threads, each pinned by its first read
+        # or write (plugin/pythread.py). Serialized models pay nothing for it.
+        self.workers = ConnectionThreads() if parallel else None
+        if parallel:
+            self.pread = self.workers.pinned(self.pread)
+            self.pwrite = self.workers.pinned(self.pwrite)
 
 
 def _error(e: OSError) -> OSError:
@@ -158,7 +164,8 @@ def open(readonly):
             known = ", ".join(n for n, _ in registry.list_exports()) or "none"
             raise LookupError(f"no export named {name!r}; exports: {known}")
         export.clients += 1
-        h = Connection(export, readonly or export.backend.readonly)
+        h = Connection(export, readonly or export.backend.readonly,
+                       settings["threadmodel"] == "parallel")
     # Last, so that no failure can follow it: nbdkit calls close() only after open() succeeded.
     h.thread_state = keep_thread_state()  # plugin/pythread.py: no thread state per request
     return h
@@ -167,6 +174,9 @@ def open(readonly):
 def close(h):
     with registry.lock:
         h.export.clients -= 1
+    if h.workers is not None and h.workers.release():
+        nbdkit.debug("a worker thread outlived its connection: its Python thread state "
+                     "stays allocated")
     if h.thread_state is not None and not h.thread_state.release():
         nbdkit.debug("connection closed on another thread than it opened on: "
                      "its Python thread state stays allocated")

