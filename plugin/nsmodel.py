@@ -24,6 +24,7 @@ Deviations from Linux, each because Linux is surprising or dangerous there, are 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -213,7 +214,7 @@ class MemoryMedia:
         return {k: v for k, v in info.items() if k != "raw_size"}
 
     def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
-               sector_size: int) -> dict:
+               sector_size: int, old_size: int | None = None) -> dict:
         self.formats += 1
         nlba = (size - size // 64 - BTT_INFO_OFFSET[version] - 8 * KiB) // sector_size
         info = {"version": version, "uuid": uuid, "parent_uuid": parent_uuid,
@@ -233,11 +234,18 @@ class MemoryMedia:
             self.damaged.discard(key)
 
 
-class FileMedia:
-    """BTT info blocks in a region file, through btt_core."""
+class IoMedia:
+    """BTT info blocks on a btt_core `Io` that the caller owns: a file or a memory image.
 
-    def __init__(self, path):
-        self.path = os.fspath(path)
+    Every write goes through the Io, so a recording memory image sees (and orders) exactly
+    what a verb does to the media, on the same clock as the label writes."""
+
+    def __init__(self, io):
+        self.io = io
+
+    @contextlib.contextmanager
+    def _open(self, readonly: bool = False):
+        yield self.io
 
     @staticmethod
     def _info(found: dict) -> dict:
@@ -246,63 +254,95 @@ class FileMedia:
                 "sector_size": found["sector_size"], "size": found["size"]}
 
     def probe(self, offset: int, size: int, version: str) -> dict | None:
-        from btt_core import BttError, probe
+        from btt_core import BttError
+        from btt_core.engine import probe_io
         try:
-            found = probe(self.path, offset=offset, size=size, version=version)
+            with self._open(readonly=True) as io:
+                found = probe_io(io, offset=offset, size=size, version=version)
         except BttError as e:
             raise NdError(e.errno, f"BTT {version} at file offset {offset}: "
                           f"{e.strerror}") from None
         return self._info(found) if found else None
 
-    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
-               sector_size: int) -> dict:
-        from btt_core import Btt, BttError, Io
-        io = Io.file(self.path)
+    @staticmethod
+    def _info_blocks(io, offset: int, size: int) -> set[int]:
+        """Where valid-looking info blocks of any BTT in [offset, offset+size) lie."""
+        from btt_core import BttError
+        from btt_core.checker import read_infoblock_io
+        blocks = set()
         try:
-            Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
-                          version=version, uuid=uuid, parent_uuid=parent_uuid)
-            io.sync()
+            for found in read_infoblock_io(io, offset=offset, size=size):
+                for arena in found["arenas"]:
+                    blocks.update(b["offset"] for b in (arena["primary"], arena["backup"])
+                                  if b and b["signature_ok"])
+        except BttError:
+            pass  # nothing readable to find
+        return blocks
+
+    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
+               sector_size: int, old_size: int | None = None) -> dict:
+        """Lays down a fresh BTT, synced, with arena 0's primary info block written last
+        (btt_format's order), so that write is what makes it exist. A BTT that was there
+        (over `old_size` bytes, when the namespace is being resized) is overwritten in
+        place, not erased first, and its info blocks that the new BTT does not reuse are
+        zeroed afterwards: in a label-less file the new primary is the commit point."""
+        from btt_core import Btt, BttError
+        try:
+            with self._open() as io:
+                before = self._info_blocks(io, offset, max(size, old_size or 0))
+                Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
+                              version=version, uuid=uuid, parent_uuid=parent_uuid)
+                io.sync()
+                self._zero(io, before - self._info_blocks(io, offset, size))
         except BttError as e:
             raise NdError(e.errno, f"laying down a BTT at file offset {offset}: "
                           f"{e.strerror}") from None
-        finally:
-            io.close()
         return self.probe(offset, size, version)
+
+    @staticmethod
+    def _zero(io, blocks) -> None:
+        if blocks:
+            for where in sorted(blocks):
+                io.write(where, bytes(4096))
+            io.sync()
 
     def erase_btt(self, offset: int, size: int) -> None:
         """Zeroes every BTT info block of the namespace [offset, offset+size): the first
         8 KiB (1.1 at +4 KiB, 2.0 at 0, as ndctl zeroes), the last 4 KiB (a one-arena BTT's
         backup), and every primary and backup an arena walk finds. Zeroing primaries alone
         would leave valid backups, which a probe rightly reports as a damaged BTT."""
-        from btt_core import BttError, read_infoblock
-        blocks = {offset, offset + 4096, offset + size - 4096}
-        try:
-            for found in read_infoblock(self.path, offset=offset, size=size):
-                for arena in found["arenas"]:
-                    blocks.update(b["offset"] for b in (arena["primary"], arena["backup"])
-                                  if b and b["signature_ok"])
-        except BttError:
-            pass  # nothing readable to find: the fixed places are zeroed regardless
-        blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
-        primaries = {offset, offset + 4096}
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
+        with self._open() as io:
+            blocks = {offset, offset + 4096, offset + size - 4096}
+            blocks |= self._info_blocks(io, offset, size)
+            blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
+            primaries = {offset, offset + 4096}
             # Backups first: a crash in between leaves a valid primary (a BTT that still
             # opens), never a lone backup that makes the namespace refuse to enable.
-            for phase in (blocks - primaries, primaries):
-                for where in sorted(phase):
-                    os.pwrite(fd, bytes(4096), where)
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+            self._zero(io, blocks - primaries)
+            self._zero(io, primaries & blocks)
 
     def wipe(self, offset: int, length: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY)
+        with self._open() as io:
+            io.write(offset, bytes(length))
+            io.sync()
+
+
+class FileMedia(IoMedia):
+    """BTT info blocks in a region file, through btt_core; opened for each operation, so
+    a server holds no descriptor of its own between verbs."""
+
+    def __init__(self, path):
+        super().__init__(None)
+        self.path = os.fspath(path)
+
+    @contextlib.contextmanager
+    def _open(self, readonly: bool = False):
+        from btt_core import Io
+        io = Io.file(self.path, readonly=readonly)
         try:
-            os.pwrite(fd, bytes(length), offset)
-            os.fdatasync(fd)
+            yield io
         finally:
-            os.close(fd)
+            io.close()
 
 
 # ---- the devices -------------------------------------------------------------------------
