@@ -550,17 +550,17 @@ class Region:
                       f"{self.available_size} available, largest free extent "
                       f"{self.max_available_extent}")
 
-    def check_size(self, name: str, new_size: int) -> None:
+    def check_size(self, name: str, new_size: int) -> int:
         """Raises what writing `new_size` to name/size would (EINVAL, ENOSPC) without
-        changing anything, so that a verb can refuse before it destroys data."""
+        changing anything, so that a verb can refuse before it destroys data; returns
+        the offset the namespace would have, so a BTT can be laid there first."""
         ns = self.device(name)
         if not isinstance(ns, Namespace) or ns.kind != "pmem":
             raise NdError(errno.ENXIO, f"{name} is not a labelled namespace; its size is fixed")
         if new_size <= 0 or new_size % self.align:
             raise NdError(errno.EINVAL, f"size {new_size} is not a positive multiple of "
                           f"{self.name}'s align {self.align:#x} ({self.align} bytes)")
-        if new_size != ns.size:
-            self._place(ns, new_size)
+        return self._place(ns, new_size) if new_size != ns.size else ns.offset
 
     # -- label write-through
 
@@ -748,6 +748,10 @@ class Region:
 
     def _set_ns_sector_size(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "sector_size")
+        self._change(ns, sector_size=self._ns_sector_size(value))
+
+    @staticmethod
+    def _ns_sector_size(value: str) -> int:
         try:
             size = int(value.strip())
         except ValueError:
@@ -755,10 +759,13 @@ class Region:
         if size not in PMEM_SECTOR_SIZES:
             raise NdError(errno.EINVAL, f"sector_size {value.strip()!r}; valid: "
                           f"{', '.join(map(str, PMEM_SECTOR_SIZES))}")
-        self._change(ns, sector_size=size)
+        return size
 
     def _set_ns_holder_class(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "holder_class")
+        self._change(ns, claim_class=self._claim_class(ns, value))
+
+    def _claim_class(self, ns: Namespace, value: str) -> str:
         text = value.strip()
         if text == "btt":
             # v1.1 labels mean BTT 1.1 at +4 KiB; v1.2 labels mean BTT 2.0 at 0 (§2.1).
@@ -773,7 +780,27 @@ class Region:
             # update); we refuse without changing anything.
             raise NdError(errno.ENXIO, f"{ns.name} is label-less; it has no label to record "
                           "a holder class in")
-        self._change(ns, claim_class=claim_class)
+        return claim_class
+
+    def redefine(self, name: str, *, uuid: str, alt_name: str, sector_size: str,
+                 holder_class: str, size: int) -> None:
+        """Gives a configured, disabled namespace a new identity in ONE label write, the
+        commit point of a reconfigure: the writes of uuid, alt_name, sector_size,
+        holder_class and size one by one would each commit a label, and a crash between
+        them would leave a namespace that is neither the old one nor the new one."""
+        ns = self.device(name)
+        if not isinstance(ns, Namespace) or not ns.configured or ns.kind != "pmem":
+            raise NdError(errno.ENXIO, f"{name} is not a configured labelled namespace")
+        self._refuse_if_busy(ns, "identity")
+        new_uuid = parse_uuid(uuid)
+        owner = self._uuid_in_use(new_uuid, ns)
+        if owner:
+            raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
+        fields = dict(uuid=new_uuid, alt_name=check_alt_name(alt_name),
+                      sector_size=self._ns_sector_size(sector_size),
+                      claim_class=self._claim_class(ns, holder_class))
+        offset = self.check_size(name, size)
+        self._change(ns, size=size, offset=offset, **fields)
 
     def _set_ns_force_raw(self, ns: Namespace, value: str) -> None:
         ns.force_raw = parse_bool(value)  # no busy check: consulted at the next enable
@@ -912,6 +939,16 @@ class Region:
             info = self._probe_btt(ns, version)
             if info is not None:
                 break
+        if info is None and ns.claim_class in ("btt", "btt2") and not ns.force_raw:
+            # Deviation: Linux attaches the raw disk when the claim class names a BTT but
+            # none is found; those bytes are BTT metadata (a create or reconfigure cut short,
+            # a wiped info block), and the first raw write would scramble them. Refused like
+            # the raw probe of a claimed namespace (ENXIO); force_raw=1 reaches the bytes.
+            raise NdError(errno.ENXIO, f"{ns.name}'s label claims it for a BTT "
+                          f"({HOLDER_CLASS_TEXT[ns.claim_class]}, {ns.claim_class}) but no valid "
+                          f"BTT {self.autodetect_versions(ns)[0]} is there; it is not served "
+                          "raw. Recreate it (create-namespace -e), or set force_raw=1 to reach "
+                          "the raw bytes")
         was_seed = ns is self.namespace_seed
         if info is None:
             ns.bound = True

@@ -194,14 +194,15 @@ def _refuse_read_only(region, what: str) -> None:
                       f"writable, or {region.name}/read_only is set)")
 
 
-def _bind(region, ns, mode: str, sector_size: int) -> None:
-    """Serves ns raw, or claims it with the btt seed (a fresh BTT is laid down)."""
+def _bind(region, ns, mode: str, sector_size: int, btt_uuid=None) -> None:
+    """Serves ns raw, or claims it with the btt seed: the BTT laid down with `btt_uuid`
+    is found and used (without one, a fresh BTT is laid down)."""
     if mode == "raw":
         region.bind(ns.name)
         return
     btt = region.btt_seed
     try:
-        region.set(f"{btt.name}/uuid", str(uuidlib.uuid4()))
+        region.set(f"{btt.name}/uuid", str(btt_uuid or uuidlib.uuid4()))
         region.set(f"{btt.name}/sector_size", str(sector_size))
         region.set(f"{btt.name}/namespace", ns.name)
         region.bind(btt.name)
@@ -209,6 +210,20 @@ def _bind(region, ns, mode: str, sector_size: int) -> None:
         if not btt.bound:
             region.set(f"{btt.name}/namespace", "")  # resets the seed
         raise
+
+
+def _steps(prepare, commit, cleanup) -> None:
+    """The one place the order of a data-changing verb lives, so that a crash (kill -9 or
+    power loss) anywhere in it leaves the old state or the new one, never a third:
+
+    * prepare writes only what no committed label names (free space), synced;
+    * commit is ONE durable write: the label index block, or in a label-less file the
+      primary BTT info block;
+    * cleanup touches only what the committed state no longer names (or lays down what
+      only the new state names, where it cannot be prepared: see docs/namespaces.md §5)."""
+    prepare()
+    commit()
+    cleanup()
 
 
 def _undo_create(region, ns) -> None:
@@ -321,15 +336,29 @@ def op_create(registry, req):
         size = region.max_available_extent - region.max_available_extent % region.align
     version = BTT_VERSION_FOR_CLASS["btt" if region.store.version == "1.1" else "btt2"]
     _check_claim_size(mode, size, version)
-    region.check_size(ns.name, size)
-    try:
-        region.set(f"{ns.name}/uuid", str(new_uuid))
+    offset = region.check_size(ns.name, size)
+    btt_uuid = uuidlib.uuid4()
+
+    def prepare():
+        # Free space, named by no label: whatever is written here is invisible until the
+        # label commits, and then it is complete. A BTT left behind by a destroy that was
+        # cut short may lie here: it is overwritten, or erased for a raw namespace.
+        if mode == "sector":
+            region.media.format(offset, size, version=version, uuid=btt_uuid,
+                                parent_uuid=new_uuid, sector_size=sector_size)
+        else:
+            region.media.erase_btt(offset, size)
+
+    def commit():
+        region.set(f"{ns.name}/uuid", str(new_uuid))  # no label yet: no capacity
         region.set(f"{ns.name}/alt_name", name)
         region.set(f"{ns.name}/sector_size", str(sector_size))
         region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
         region.set(f"{ns.name}/size", str(size))  # the one label write
-        region.media.erase_btt(ns.offset, ns.size)  # no stale BTT may be autodetected
-        _bind(region, ns, mode, sector_size)
+
+    try:
+        _steps(prepare, commit, lambda: None)
+        _bind(region, ns, mode, sector_size, btt_uuid)
         _sync(registry, {ns.name})
     except Exception:  # any failure: no label or claim may stay behind
         _undo_create(region, ns)
@@ -379,20 +408,37 @@ def op_reconfig(registry, req):
     if owner and owner != (ns.claim.name if ns.claim else None):  # that btt goes anyway
         raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
 
-    old_extent = (ns.offset, ns.size)
+    old_offset, old_size = ns.offset, ns.size
+    btt_uuid = uuidlib.uuid4()
     _disable(region, ns)
     _sync(registry, ())
     region.set(f"{ns.name}/force_raw", "0")
-    if ns.kind == "pmem":  # the new label first: if it cannot be written, nothing is erased
-        region.set(f"{ns.name}/uuid", str(new_uuid))
-        region.set(f"{ns.name}/alt_name", name)
-        region.set(f"{ns.name}/sector_size", str(sector_size))
-        region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
-        region.set(f"{ns.name}/size", str(size))
-    region.media.erase_btt(*old_extent)  # the old BTT's backups lie at the old end
-    if (ns.offset, ns.size) != old_extent:
-        region.media.erase_btt(ns.offset, ns.size)
-    _bind(region, ns, mode, sector_size)
+
+    def lay_down():
+        """The new contents of the extent: a BTT written over the old one (its unused info
+        blocks zeroed after), or for raw, every old info block erased (backups first)."""
+        if mode == "sector":
+            parent = ns.uuid if ns.kind == "pmem" else uuidlib.UUID(int=0)
+            region.media.format(ns.offset, ns.size, version=version, uuid=btt_uuid,
+                                parent_uuid=parent, sector_size=sector_size, old_size=old_size)
+            return
+        region.media.erase_btt(old_offset, old_size)  # the old backups lie at the old end
+        if (ns.offset, ns.size) != (old_offset, old_size):
+            region.media.erase_btt(ns.offset, ns.size)
+
+    if ns.kind == "pmem":
+        # The new BTT can only go where the old namespace is, which the committed label
+        # names until the commit: so the label commits first (one write, nothing touched
+        # before it), and the extent is rewritten after. In between the namespace has its
+        # new identity and is refused (ENXIO or EUCLEAN), never served raw.
+        _steps(lambda: None, lambda: region.redefine(
+            ns.name, uuid=str(new_uuid), alt_name=name, sector_size=str(sector_size),
+            holder_class="btt" if mode == "sector" else "", size=size), lay_down)
+    else:
+        # Label-less: the BTT's primary info block is the commit (written last by a
+        # format, erased last by an erase).
+        _steps(lambda: None, lay_down, lambda: None)
+    _bind(region, ns, mode, sector_size, btt_uuid)
     _sync(registry, {ns.name})
     return describe_namespace(registry, region, ns)
 
@@ -401,9 +447,16 @@ def op_destroy(registry, req):
     region, ns = _victim(registry, req, "namespace", "destroy-namespace")
     _disable(region, ns)
     _sync(registry, ())
-    region.media.erase_btt(ns.offset, ns.size)  # no autodetect finds it again
+    extent = (ns.offset, ns.size)
     if ns.kind == "pmem":
-        region.set(f"{ns.name}/size", "0")  # frees the capacity and deletes the label
+        # The label goes first (frees the capacity): the BTT left behind lies in free
+        # space, where no autodetect looks, and is erased after; the other order left a
+        # sector label over erased info blocks, served raw after a crash.
+        _steps(lambda: None, lambda: region.set(f"{ns.name}/size", "0"),
+               lambda: region.media.erase_btt(*extent))
+    else:
+        # Label-less: erasing the primary info block (last) is the commit.
+        _steps(lambda: None, lambda: region.media.erase_btt(*extent), lambda: None)
     registry.forget(ns.name)
     _sync(registry, ())
     return {"dev": ns.name, "destroyed": True}

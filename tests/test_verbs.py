@@ -428,3 +428,16 @@ def test_raw_zero_after_close_is_refused(tmp_path):
     assert e.value.errno == errno.ESHUTDOWN
     with open(path, "rb") as f:
         assert f.read(4096) == b"\xab" * 4096
+
+
+def test_a_sector_label_without_a_btt_is_refused_not_served_raw(region_file):
+    """Issue 16: a v1.2 label with the BTT2 claim class over erased info blocks (a destroy
+    or create cut short, in the old orders) came back enabled as a raw export."""
+    ok(region_file, op="create-namespace", size="32M", name="db")
+    with offline([region_file]) as registry:
+        registry.regions[0].media.erase_btt(0, 32 * MiB)
+    reply = call_offline([region_file], {"op": "enable-namespace", "namespace": "db"})
+    assert not reply["ok"] and reply["errno"] == "ENXIO" and "not served raw" in reply["error"]
+    with offline([region_file]) as registry:  # force_raw still reaches the bytes
+        handle(registry, {"op": "set", "path": "namespace0.0/force_raw", "value": "1"})
+        assert handle(registry, {"op": "enable-namespace", "namespace": "db"})["mode"] == "raw"
