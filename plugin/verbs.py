@@ -24,6 +24,7 @@ import errno
 import re
 import uuid as uuidlib
 
+from plugin.namespaces import DEVICE_NAME
 from plugin.nsmodel import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
                             check_alt_name, parse_uuid)
 
@@ -159,6 +160,40 @@ def _target(registry, req: dict, key: str = "namespace"):
     return registry.namespace(name)
 
 
+def _refuse_taken_name(registry, name: str, ns=None) -> None:
+    """Deviation: Linux lets two namespaces share an alt_name. Here an alt_name is an export
+    name and a control handle, so a second holder would silently take it away from the
+    first (QEMU's export=NAME then breaks); a device name would be shadowed, or change
+    hands when names are given out afresh."""
+    if not name:
+        return
+    for region in registry.regions:
+        for other in region.namespaces.values():
+            if other is ns:
+                continue
+            if other.name == name or (other.configured and other.alt_name == name):
+                raise NdError(errno.EEXIST, f"the name {name!r} is taken by {other.name}"
+                              + (f" (its alt_name)" if other.name != name else "")
+                              + "; choose another --name")
+        for btt in region.btts.values():
+            if btt.name == name:
+                raise NdError(errno.EEXIST, f"the name {name!r} is taken by the btt device "
+                              f"{btt.name}; choose another --name")
+    if DEVICE_NAME.match(name):
+        raise NdError(errno.EINVAL, f"alt_name {name!r} looks like a device name, which the "
+                      "namespaces are given afresh whenever a region is read; choose another")
+
+
+def _device_path(registry, path: str) -> str:
+    """DEVICE/ATTRIBUTE with an alt_name as DEVICE replaced by its namespace's name: the
+    README promises that an alt_name names its namespace everywhere."""
+    dev, slash, attr = path.partition("/")
+    if not dev or DEVICE_NAME.match(dev) or not slash:
+        return path
+    _region, ns = registry.namespace(dev)
+    return f"{ns.name}/{attr}"
+
+
 def _refuse_if_clients(registry, names, force: bool, what: str) -> None:
     for name in names:
         exp = registry.export_of(name)
@@ -251,16 +286,19 @@ def op_list(registry, req):
 
 
 def op_get(registry, req):
-    path = _field(req, "path", str) or ""
+    path = _device_path(registry, _field(req, "path", str) or "")
     return registry.region_of(path.split("/")[0]).get(path)
 
 
 def op_set(registry, req):
-    path = _field(req, "path", str) or ""
+    path = _device_path(registry, _field(req, "path", str) or "")
     value = _field(req, "value", str)
     if value is None:
         raise NdError(errno.EINVAL, "'value' is required (text, as written to sysfs)")
     region = registry.region_of(path.split("/")[0])
+    if path.endswith("/alt_name"):
+        dev = region.device(path.split("/")[0])
+        _refuse_taken_name(registry, check_alt_name(value), dev)
     if path == f"{region.name}/read_only":  # the only write that changes live exports
         _refuse_if_clients(registry, region.namespaces, _field(req, "force", bool, False), path)
     region.set(path, value)
@@ -326,6 +364,7 @@ def op_create(registry, req):
     size = parse_size(req["size"]) if req.get("size") is not None else None
     name = _field(req, "name", str, "")
     new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
+    _refuse_taken_name(registry, check_alt_name(name))
     region = _pick_region(registry, req, size)
     _refuse_read_only(region, "create-namespace")
     ns = region.namespace_seed
@@ -404,6 +443,7 @@ def op_reconfig(registry, req):
     new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
     # Everything that could refuse is checked before the old namespace is touched.
     name = check_alt_name(name)
+    _refuse_taken_name(registry, name, ns)
     owner = region.uuid_owner(new_uuid, ns.name)
     if owner and owner != (ns.claim.name if ns.claim else None):  # that btt goes anyway
         raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
