@@ -33,7 +33,7 @@ def start(tmp_path, region, ctl):
         os.unlink(ctl)  # left by the killed server
     s = Server(tmp_path, [region], f"control={ctl}", wrap=SLOW_SYNCS).start()
     deadline = time.time() + 15
-    while not os.path.exists(ctl):
+    while _try(request, ctl, {"op": "list"}) is None:  # bound is not yet listening
         assert time.time() < deadline, s.output()[-2000:]
         time.sleep(0.02)
     return s
@@ -63,7 +63,11 @@ def assert_keepers(s):
         h.shutdown()
 
 
-@pytest.mark.parametrize("seed, cycles", [(1, 4), pytest.param(2, 40, marks=pytest.mark.long)])
+LONG = bool(os.environ.get("BTT_LONG"))
+
+
+@pytest.mark.parametrize("seed, cycles", [(1, 4), pytest.param(2, 40, marks=[
+    pytest.mark.long, pytest.mark.skipif(not LONG, reason="make test-long (BTT_LONG=1)")])])
 def test_kill_9_during_create_and_destroy(tmp_path, seed, cycles):
     rng = random.Random(seed)
     region = str(tmp_path / "region.img")
