@@ -84,20 +84,25 @@ def read_infoblock(path, *, offset=0, size=None, namespace_uuid=None) -> list[di
     a label-less namespace has none, so only null is valid for it."""
     io = Io.file(path, readonly=True)
     try:
-        end = io.size if size is None else offset + size
-        found = []
-        for version, initial in (("1.1", 4096), ("2.0", 0)):
-            arenas = _walk(io, offset + initial, end, version)
-            for a in arenas:
-                for block in (a["primary"], a["backup"]):
-                    if block:
-                        block["parent_uuid_ok"] = block["parent_uuid"] in (
-                            str(uuid.UUID(int=0)), str(namespace_uuid) if namespace_uuid else None)
-            if arenas:
-                found.append({"version": version, "offset": offset + initial, "arenas": arenas})
-        return found
+        return read_infoblock_io(io, offset=offset, size=size, namespace_uuid=namespace_uuid)
     finally:
         io.close()
+
+
+def read_infoblock_io(io: Io, *, offset=0, size=None, namespace_uuid=None) -> list[dict]:
+    """read_infoblock() over a backing store the caller keeps owning."""
+    end = io.size if size is None else offset + size
+    found = []
+    for version, initial in (("1.1", 4096), ("2.0", 0)):
+        arenas = _walk(io, offset + initial, end, version)
+        for a in arenas:
+            for block in (a["primary"], a["backup"]):
+                if block:
+                    block["parent_uuid_ok"] = block["parent_uuid"] in (
+                        str(uuid.UUID(int=0)), str(namespace_uuid) if namespace_uuid else None)
+        if arenas:
+            found.append({"version": version, "offset": offset + initial, "arenas": arenas})
+    return found
 
 
 def _decode(io, where, end):

@@ -462,18 +462,27 @@ def probe(path, offset: int = 0, size: int | None = None, version: str | None = 
 
     Corrupt metadata behind a valid info block raises BttError(EUCLEAN) rather than
     answering None: serving such a namespace raw would expose the BTT's internals."""
+    io = Io.file(path, readonly=True)
     try:
-        b = Btt.open(path, offset=offset, size=size, readonly=True, durability="none",
-                     version=version)
+        return probe_io(io, offset, size, version)
+    finally:
+        io.close()
+
+
+def probe_io(io: Io, offset: int = 0, size: int | None = None, version: str | None = None):
+    """probe() over a backing store the caller keeps owning (a file or a memory image)."""
+    try:
+        b = Btt.open_io(io, offset=offset, size=size, readonly=True, durability="none",
+                        version=version)
     except BttError as e:
         if e.errno != _errno.ENODEV:
             raise
         # No valid primary info block. Linux would now treat the namespace as raw; if a
         # valid backup says a BTT lives here, exposing it raw would hand its map and log
         # to the first writer, so refuse instead.
-        from .checker import check_namespace
+        from .checker import check_io
         try:
-            check_namespace(path, offset=offset, size=size, version=version)
+            check_io(io, offset=offset, size=size, version=version)
         except BttError:
             return None
         raise BttError(_errno.EUCLEAN, "the BTT's primary info block is damaged but its backup "

@@ -24,6 +24,7 @@ Deviations from Linux, each because Linux is surprising or dangerous there, are 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -213,7 +214,7 @@ class MemoryMedia:
         return {k: v for k, v in info.items() if k != "raw_size"}
 
     def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
-               sector_size: int) -> dict:
+               sector_size: int, old_size: int | None = None) -> dict:
         self.formats += 1
         nlba = (size - size // 64 - BTT_INFO_OFFSET[version] - 8 * KiB) // sector_size
         info = {"version": version, "uuid": uuid, "parent_uuid": parent_uuid,
@@ -233,11 +234,18 @@ class MemoryMedia:
             self.damaged.discard(key)
 
 
-class FileMedia:
-    """BTT info blocks in a region file, through btt_core."""
+class IoMedia:
+    """BTT info blocks on a btt_core `Io` that the caller owns: a file or a memory image.
 
-    def __init__(self, path):
-        self.path = os.fspath(path)
+    Every write goes through the Io, so a recording memory image sees (and orders) exactly
+    what a verb does to the media, on the same clock as the label writes."""
+
+    def __init__(self, io):
+        self.io = io
+
+    @contextlib.contextmanager
+    def _open(self, readonly: bool = False):
+        yield self.io
 
     @staticmethod
     def _info(found: dict) -> dict:
@@ -246,63 +254,95 @@ class FileMedia:
                 "sector_size": found["sector_size"], "size": found["size"]}
 
     def probe(self, offset: int, size: int, version: str) -> dict | None:
-        from btt_core import BttError, probe
+        from btt_core import BttError
+        from btt_core.engine import probe_io
         try:
-            found = probe(self.path, offset=offset, size=size, version=version)
+            with self._open(readonly=True) as io:
+                found = probe_io(io, offset=offset, size=size, version=version)
         except BttError as e:
             raise NdError(e.errno, f"BTT {version} at file offset {offset}: "
                           f"{e.strerror}") from None
         return self._info(found) if found else None
 
-    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
-               sector_size: int) -> dict:
-        from btt_core import Btt, BttError, Io
-        io = Io.file(self.path)
+    @staticmethod
+    def _info_blocks(io, offset: int, size: int) -> set[int]:
+        """Where valid-looking info blocks of any BTT in [offset, offset+size) lie."""
+        from btt_core import BttError
+        from btt_core.checker import read_infoblock_io
+        blocks = set()
         try:
-            Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
-                          version=version, uuid=uuid, parent_uuid=parent_uuid)
-            io.sync()
+            for found in read_infoblock_io(io, offset=offset, size=size):
+                for arena in found["arenas"]:
+                    blocks.update(b["offset"] for b in (arena["primary"], arena["backup"])
+                                  if b and b["signature_ok"])
+        except BttError:
+            pass  # nothing readable to find
+        return blocks
+
+    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
+               sector_size: int, old_size: int | None = None) -> dict:
+        """Lays down a fresh BTT, synced, with arena 0's primary info block written last
+        (btt_format's order), so that write is what makes it exist. A BTT that was there
+        (over `old_size` bytes, when the namespace is being resized) is overwritten in
+        place, not erased first, and its info blocks that the new BTT does not reuse are
+        zeroed afterwards: in a label-less file the new primary is the commit point."""
+        from btt_core import Btt, BttError
+        try:
+            with self._open() as io:
+                before = self._info_blocks(io, offset, max(size, old_size or 0))
+                Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
+                              version=version, uuid=uuid, parent_uuid=parent_uuid)
+                io.sync()
+                self._zero(io, before - self._info_blocks(io, offset, size))
         except BttError as e:
             raise NdError(e.errno, f"laying down a BTT at file offset {offset}: "
                           f"{e.strerror}") from None
-        finally:
-            io.close()
         return self.probe(offset, size, version)
+
+    @staticmethod
+    def _zero(io, blocks) -> None:
+        if blocks:
+            for where in sorted(blocks):
+                io.write(where, bytes(4096))
+            io.sync()
 
     def erase_btt(self, offset: int, size: int) -> None:
         """Zeroes every BTT info block of the namespace [offset, offset+size): the first
         8 KiB (1.1 at +4 KiB, 2.0 at 0, as ndctl zeroes), the last 4 KiB (a one-arena BTT's
         backup), and every primary and backup an arena walk finds. Zeroing primaries alone
         would leave valid backups, which a probe rightly reports as a damaged BTT."""
-        from btt_core import BttError, read_infoblock
-        blocks = {offset, offset + 4096, offset + size - 4096}
-        try:
-            for found in read_infoblock(self.path, offset=offset, size=size):
-                for arena in found["arenas"]:
-                    blocks.update(b["offset"] for b in (arena["primary"], arena["backup"])
-                                  if b and b["signature_ok"])
-        except BttError:
-            pass  # nothing readable to find: the fixed places are zeroed regardless
-        blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
-        primaries = {offset, offset + 4096}
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
+        with self._open() as io:
+            blocks = {offset, offset + 4096, offset + size - 4096}
+            blocks |= self._info_blocks(io, offset, size)
+            blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
+            primaries = {offset, offset + 4096}
             # Backups first: a crash in between leaves a valid primary (a BTT that still
             # opens), never a lone backup that makes the namespace refuse to enable.
-            for phase in (blocks - primaries, primaries):
-                for where in sorted(phase):
-                    os.pwrite(fd, bytes(4096), where)
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+            self._zero(io, blocks - primaries)
+            self._zero(io, primaries & blocks)
 
     def wipe(self, offset: int, length: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY)
+        with self._open() as io:
+            io.write(offset, bytes(length))
+            io.sync()
+
+
+class FileMedia(IoMedia):
+    """BTT info blocks in a region file, through btt_core; opened for each operation, so
+    a server holds no descriptor of its own between verbs."""
+
+    def __init__(self, path):
+        super().__init__(None)
+        self.path = os.fspath(path)
+
+    @contextlib.contextmanager
+    def _open(self, readonly: bool = False):
+        from btt_core import Io
+        io = Io.file(self.path, readonly=readonly)
         try:
-            os.pwrite(fd, bytes(length), offset)
-            os.fdatasync(fd)
+            yield io
         finally:
-            os.close(fd)
+            io.close()
 
 
 # ---- the devices -------------------------------------------------------------------------
@@ -510,17 +550,17 @@ class Region:
                       f"{self.available_size} available, largest free extent "
                       f"{self.max_available_extent}")
 
-    def check_size(self, name: str, new_size: int) -> None:
+    def check_size(self, name: str, new_size: int) -> int:
         """Raises what writing `new_size` to name/size would (EINVAL, ENOSPC) without
-        changing anything, so that a verb can refuse before it destroys data."""
+        changing anything, so that a verb can refuse before it destroys data; returns
+        the offset the namespace would have, so a BTT can be laid there first."""
         ns = self.device(name)
         if not isinstance(ns, Namespace) or ns.kind != "pmem":
             raise NdError(errno.ENXIO, f"{name} is not a labelled namespace; its size is fixed")
         if new_size <= 0 or new_size % self.align:
             raise NdError(errno.EINVAL, f"size {new_size} is not a positive multiple of "
                           f"{self.name}'s align {self.align:#x} ({self.align} bytes)")
-        if new_size != ns.size:
-            self._place(ns, new_size)
+        return self._place(ns, new_size) if new_size != ns.size else ns.offset
 
     # -- label write-through
 
@@ -708,6 +748,10 @@ class Region:
 
     def _set_ns_sector_size(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "sector_size")
+        self._change(ns, sector_size=self._ns_sector_size(value))
+
+    @staticmethod
+    def _ns_sector_size(value: str) -> int:
         try:
             size = int(value.strip())
         except ValueError:
@@ -715,10 +759,13 @@ class Region:
         if size not in PMEM_SECTOR_SIZES:
             raise NdError(errno.EINVAL, f"sector_size {value.strip()!r}; valid: "
                           f"{', '.join(map(str, PMEM_SECTOR_SIZES))}")
-        self._change(ns, sector_size=size)
+        return size
 
     def _set_ns_holder_class(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "holder_class")
+        self._change(ns, claim_class=self._claim_class(ns, value))
+
+    def _claim_class(self, ns: Namespace, value: str) -> str:
         text = value.strip()
         if text == "btt":
             # v1.1 labels mean BTT 1.1 at +4 KiB; v1.2 labels mean BTT 2.0 at 0 (§2.1).
@@ -733,7 +780,27 @@ class Region:
             # update); we refuse without changing anything.
             raise NdError(errno.ENXIO, f"{ns.name} is label-less; it has no label to record "
                           "a holder class in")
-        self._change(ns, claim_class=claim_class)
+        return claim_class
+
+    def redefine(self, name: str, *, uuid: str, alt_name: str, sector_size: str,
+                 holder_class: str, size: int) -> None:
+        """Gives a configured, disabled namespace a new identity in ONE label write, the
+        commit point of a reconfigure: the writes of uuid, alt_name, sector_size,
+        holder_class and size one by one would each commit a label, and a crash between
+        them would leave a namespace that is neither the old one nor the new one."""
+        ns = self.device(name)
+        if not isinstance(ns, Namespace) or not ns.configured or ns.kind != "pmem":
+            raise NdError(errno.ENXIO, f"{name} is not a configured labelled namespace")
+        self._refuse_if_busy(ns, "identity")
+        new_uuid = parse_uuid(uuid)
+        owner = self._uuid_in_use(new_uuid, ns)
+        if owner:
+            raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
+        fields = dict(uuid=new_uuid, alt_name=check_alt_name(alt_name),
+                      sector_size=self._ns_sector_size(sector_size),
+                      claim_class=self._claim_class(ns, holder_class))
+        offset = self.check_size(name, size)
+        self._change(ns, size=size, offset=offset, **fields)
 
     def _set_ns_force_raw(self, ns: Namespace, value: str) -> None:
         ns.force_raw = parse_bool(value)  # no busy check: consulted at the next enable
@@ -872,6 +939,16 @@ class Region:
             info = self._probe_btt(ns, version)
             if info is not None:
                 break
+        if info is None and ns.claim_class in ("btt", "btt2") and not ns.force_raw:
+            # Deviation: Linux attaches the raw disk when the claim class names a BTT but
+            # none is found; those bytes are BTT metadata (a create or reconfigure cut short,
+            # a wiped info block), and the first raw write would scramble them. Refused like
+            # the raw probe of a claimed namespace (ENXIO); force_raw=1 reaches the bytes.
+            raise NdError(errno.ENXIO, f"{ns.name}'s label claims it for a BTT "
+                          f"({HOLDER_CLASS_TEXT[ns.claim_class]}, {ns.claim_class}) but no valid "
+                          f"BTT {self.autodetect_versions(ns)[0]} is there; it is not served "
+                          "raw. Recreate it (create-namespace -e), or set force_raw=1 to reach "
+                          "the raw bytes")
         was_seed = ns is self.namespace_seed
         if info is None:
             ns.bound = True

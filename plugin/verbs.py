@@ -24,6 +24,7 @@ import errno
 import re
 import uuid as uuidlib
 
+from plugin.namespaces import DEVICE_NAME
 from plugin.nsmodel import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
                             check_alt_name, parse_uuid)
 
@@ -159,6 +160,40 @@ def _target(registry, req: dict, key: str = "namespace"):
     return registry.namespace(name)
 
 
+def _refuse_taken_name(registry, name: str, ns=None) -> None:
+    """Deviation: Linux lets two namespaces share an alt_name. Here an alt_name is an export
+    name and a control handle, so a second holder would silently take it away from the
+    first (QEMU's export=NAME then breaks); a device name would be shadowed, or change
+    hands when names are given out afresh."""
+    if not name:
+        return
+    for region in registry.regions:
+        for other in region.namespaces.values():
+            if other is ns:
+                continue
+            if other.name == name or (other.configured and other.alt_name == name):
+                raise NdError(errno.EEXIST, f"the name {name!r} is taken by {other.name}"
+                              + (f" (its alt_name)" if other.name != name else "")
+                              + "; choose another --name")
+        for btt in region.btts.values():
+            if btt.name == name:
+                raise NdError(errno.EEXIST, f"the name {name!r} is taken by the btt device "
+                              f"{btt.name}; choose another --name")
+    if DEVICE_NAME.match(name):
+        raise NdError(errno.EINVAL, f"alt_name {name!r} looks like a device name, which the "
+                      "namespaces are given afresh whenever a region is read; choose another")
+
+
+def _device_path(registry, path: str) -> str:
+    """DEVICE/ATTRIBUTE with an alt_name as DEVICE replaced by its namespace's name: the
+    README promises that an alt_name names its namespace everywhere."""
+    dev, slash, attr = path.partition("/")
+    if not dev or DEVICE_NAME.match(dev) or not slash:
+        return path
+    _region, ns = registry.namespace(dev)
+    return f"{ns.name}/{attr}"
+
+
 def _refuse_if_clients(registry, names, force: bool, what: str) -> None:
     for name in names:
         exp = registry.export_of(name)
@@ -194,14 +229,15 @@ def _refuse_read_only(region, what: str) -> None:
                       f"writable, or {region.name}/read_only is set)")
 
 
-def _bind(region, ns, mode: str, sector_size: int) -> None:
-    """Serves ns raw, or claims it with the btt seed (a fresh BTT is laid down)."""
+def _bind(region, ns, mode: str, sector_size: int, btt_uuid=None) -> None:
+    """Serves ns raw, or claims it with the btt seed: the BTT laid down with `btt_uuid`
+    is found and used (without one, a fresh BTT is laid down)."""
     if mode == "raw":
         region.bind(ns.name)
         return
     btt = region.btt_seed
     try:
-        region.set(f"{btt.name}/uuid", str(uuidlib.uuid4()))
+        region.set(f"{btt.name}/uuid", str(btt_uuid or uuidlib.uuid4()))
         region.set(f"{btt.name}/sector_size", str(sector_size))
         region.set(f"{btt.name}/namespace", ns.name)
         region.bind(btt.name)
@@ -209,6 +245,20 @@ def _bind(region, ns, mode: str, sector_size: int) -> None:
         if not btt.bound:
             region.set(f"{btt.name}/namespace", "")  # resets the seed
         raise
+
+
+def _steps(prepare, commit, cleanup) -> None:
+    """The one place the order of a data-changing verb lives, so that a crash (kill -9 or
+    power loss) anywhere in it leaves the old state or the new one, never a third:
+
+    * prepare writes only what no committed label names (free space), synced;
+    * commit is ONE durable write: the label index block, or in a label-less file the
+      primary BTT info block;
+    * cleanup touches only what the committed state no longer names (or lays down what
+      only the new state names, where it cannot be prepared: see docs/namespaces.md §5)."""
+    prepare()
+    commit()
+    cleanup()
 
 
 def _undo_create(region, ns) -> None:
@@ -236,16 +286,19 @@ def op_list(registry, req):
 
 
 def op_get(registry, req):
-    path = _field(req, "path", str) or ""
+    path = _device_path(registry, _field(req, "path", str) or "")
     return registry.region_of(path.split("/")[0]).get(path)
 
 
 def op_set(registry, req):
-    path = _field(req, "path", str) or ""
+    path = _device_path(registry, _field(req, "path", str) or "")
     value = _field(req, "value", str)
     if value is None:
         raise NdError(errno.EINVAL, "'value' is required (text, as written to sysfs)")
     region = registry.region_of(path.split("/")[0])
+    if path.endswith("/alt_name"):
+        dev = region.device(path.split("/")[0])
+        _refuse_taken_name(registry, check_alt_name(value), dev)
     if path == f"{region.name}/read_only":  # the only write that changes live exports
         _refuse_if_clients(registry, region.namespaces, _field(req, "force", bool, False), path)
     region.set(path, value)
@@ -311,6 +364,7 @@ def op_create(registry, req):
     size = parse_size(req["size"]) if req.get("size") is not None else None
     name = _field(req, "name", str, "")
     new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
+    _refuse_taken_name(registry, check_alt_name(name))
     region = _pick_region(registry, req, size)
     _refuse_read_only(region, "create-namespace")
     ns = region.namespace_seed
@@ -321,15 +375,29 @@ def op_create(registry, req):
         size = region.max_available_extent - region.max_available_extent % region.align
     version = BTT_VERSION_FOR_CLASS["btt" if region.store.version == "1.1" else "btt2"]
     _check_claim_size(mode, size, version)
-    region.check_size(ns.name, size)
-    try:
-        region.set(f"{ns.name}/uuid", str(new_uuid))
+    offset = region.check_size(ns.name, size)
+    btt_uuid = uuidlib.uuid4()
+
+    def prepare():
+        # Free space, named by no label: whatever is written here is invisible until the
+        # label commits, and then it is complete. A BTT left behind by a destroy that was
+        # cut short may lie here: it is overwritten, or erased for a raw namespace.
+        if mode == "sector":
+            region.media.format(offset, size, version=version, uuid=btt_uuid,
+                                parent_uuid=new_uuid, sector_size=sector_size)
+        else:
+            region.media.erase_btt(offset, size)
+
+    def commit():
+        region.set(f"{ns.name}/uuid", str(new_uuid))  # no label yet: no capacity
         region.set(f"{ns.name}/alt_name", name)
         region.set(f"{ns.name}/sector_size", str(sector_size))
         region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
         region.set(f"{ns.name}/size", str(size))  # the one label write
-        region.media.erase_btt(ns.offset, ns.size)  # no stale BTT may be autodetected
-        _bind(region, ns, mode, sector_size)
+
+    try:
+        _steps(prepare, commit, lambda: None)
+        _bind(region, ns, mode, sector_size, btt_uuid)
         _sync(registry, {ns.name})
     except Exception:  # any failure: no label or claim may stay behind
         _undo_create(region, ns)
@@ -375,24 +443,42 @@ def op_reconfig(registry, req):
     new_uuid = parse_uuid(_field(req, "uuid", str)) if req.get("uuid") else uuidlib.uuid4()
     # Everything that could refuse is checked before the old namespace is touched.
     name = check_alt_name(name)
+    _refuse_taken_name(registry, name, ns)
     owner = region.uuid_owner(new_uuid, ns.name)
     if owner and owner != (ns.claim.name if ns.claim else None):  # that btt goes anyway
         raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
 
-    old_extent = (ns.offset, ns.size)
+    old_offset, old_size = ns.offset, ns.size
+    btt_uuid = uuidlib.uuid4()
     _disable(region, ns)
     _sync(registry, ())
     region.set(f"{ns.name}/force_raw", "0")
-    if ns.kind == "pmem":  # the new label first: if it cannot be written, nothing is erased
-        region.set(f"{ns.name}/uuid", str(new_uuid))
-        region.set(f"{ns.name}/alt_name", name)
-        region.set(f"{ns.name}/sector_size", str(sector_size))
-        region.set(f"{ns.name}/holder_class", "btt" if mode == "sector" else "")
-        region.set(f"{ns.name}/size", str(size))
-    region.media.erase_btt(*old_extent)  # the old BTT's backups lie at the old end
-    if (ns.offset, ns.size) != old_extent:
-        region.media.erase_btt(ns.offset, ns.size)
-    _bind(region, ns, mode, sector_size)
+
+    def lay_down():
+        """The new contents of the extent: a BTT written over the old one (its unused info
+        blocks zeroed after), or for raw, every old info block erased (backups first)."""
+        if mode == "sector":
+            parent = ns.uuid if ns.kind == "pmem" else uuidlib.UUID(int=0)
+            region.media.format(ns.offset, ns.size, version=version, uuid=btt_uuid,
+                                parent_uuid=parent, sector_size=sector_size, old_size=old_size)
+            return
+        region.media.erase_btt(old_offset, old_size)  # the old backups lie at the old end
+        if (ns.offset, ns.size) != (old_offset, old_size):
+            region.media.erase_btt(ns.offset, ns.size)
+
+    if ns.kind == "pmem":
+        # The new BTT can only go where the old namespace is, which the committed label
+        # names until the commit: so the label commits first (one write, nothing touched
+        # before it), and the extent is rewritten after. In between the namespace has its
+        # new identity and is refused (ENXIO or EUCLEAN), never served raw.
+        _steps(lambda: None, lambda: region.redefine(
+            ns.name, uuid=str(new_uuid), alt_name=name, sector_size=str(sector_size),
+            holder_class="btt" if mode == "sector" else "", size=size), lay_down)
+    else:
+        # Label-less: the BTT's primary info block is the commit (written last by a
+        # format, erased last by an erase).
+        _steps(lambda: None, lay_down, lambda: None)
+    _bind(region, ns, mode, sector_size, btt_uuid)
     _sync(registry, {ns.name})
     return describe_namespace(registry, region, ns)
 
@@ -401,9 +487,16 @@ def op_destroy(registry, req):
     region, ns = _victim(registry, req, "namespace", "destroy-namespace")
     _disable(region, ns)
     _sync(registry, ())
-    region.media.erase_btt(ns.offset, ns.size)  # no autodetect finds it again
+    extent = (ns.offset, ns.size)
     if ns.kind == "pmem":
-        region.set(f"{ns.name}/size", "0")  # frees the capacity and deletes the label
+        # The label goes first (frees the capacity): the BTT left behind lies in free
+        # space, where no autodetect looks, and is erased after; the other order left a
+        # sector label over erased info blocks, served raw after a crash.
+        _steps(lambda: None, lambda: region.set(f"{ns.name}/size", "0"),
+               lambda: region.media.erase_btt(*extent))
+    else:
+        # Label-less: erasing the primary info block (last) is the commit.
+        _steps(lambda: None, lambda: region.media.erase_btt(*extent), lambda: None)
     registry.forget(ns.name)
     _sync(registry, ())
     return {"dev": ns.name, "destroyed": True}

@@ -365,10 +365,23 @@ def test_a_read_only_server_cannot_be_made_writable(region_file):
     assert e.value.errno == errno.EROFS
 
 
+def rename_in_labels(path, names):
+    """Writes alt_names straight into the label area, as a Linux guest may (Linux allows
+    duplicates and device-like names; our verbs refuse them)."""
+    area = LabelArea.detect(path)
+    try:
+        wanted = area.namespaces()
+        for label, name in zip(wanted, names):
+            label.name = name
+        area.update(wanted)
+    finally:
+        area.close()
+
+
 def test_aliases_never_take_a_device_name_nor_a_shared_name(region_file):
-    ok(region_file, op="create-namespace", size="32M", name="namespace0.1", mode="raw")
-    ok(region_file, op="create-namespace", size="32M", name="twin", mode="raw")
-    ok(region_file, op="create-namespace", size="32M", name="twin", mode="raw")
+    for name in ("a", "twin", "b"):
+        ok(region_file, op="create-namespace", size="32M", name=name, mode="raw")
+    rename_in_labels(region_file, ["namespace0.1", "twin", "twin"])
     with offline([region_file]) as registry:
         def do(op, name):
             return handle(registry, {"op": op, "namespace": name})
@@ -428,3 +441,49 @@ def test_raw_zero_after_close_is_refused(tmp_path):
     assert e.value.errno == errno.ESHUTDOWN
     with open(path, "rb") as f:
         assert f.read(4096) == b"\xab" * 4096
+
+
+def test_a_sector_label_without_a_btt_is_refused_not_served_raw(region_file):
+    """Issue 16: a v1.2 label with the BTT2 claim class over erased info blocks (a destroy
+    or create cut short, in the old orders) came back enabled as a raw export."""
+    ok(region_file, op="create-namespace", size="32M", name="db")
+    with offline([region_file]) as registry:
+        registry.regions[0].media.erase_btt(0, 32 * MiB)
+    reply = call_offline([region_file], {"op": "enable-namespace", "namespace": "db"})
+    assert not reply["ok"] and reply["errno"] == "ENXIO" and "not served raw" in reply["error"]
+    with offline([region_file]) as registry:  # force_raw still reaches the bytes
+        handle(registry, {"op": "set", "path": "namespace0.0/force_raw", "value": "1"})
+        assert handle(registry, {"op": "enable-namespace", "namespace": "db"})["mode"] == "raw"
+
+
+# ---- issue 16, item 8: alt_names are unique handles --------------------------------------
+
+def test_a_taken_alt_name_is_refused_with_eexist(region_file):
+    """Each of these was accepted before, and the second holder took the export name away."""
+    ok(region_file, op="create-namespace", size="32M", name="db")
+    ok(region_file, op="create-namespace", size="32M", name="logs", mode="raw")
+    err = refused(region_file, errno.EEXIST, op="create-namespace", size="32M", name="db")
+    assert "namespace0.0" in err
+    assert "namespace0.1" in refused(region_file, errno.EEXIST, op="create-namespace",
+                                     size="32M", name="namespace0.1")
+    assert "btt" in refused(region_file, errno.EEXIST, op="create-namespace", size="32M",
+                            name="btt0.0")
+    refused(region_file, errno.EEXIST, op="set", path="namespace0.1/alt_name", value="db")
+    refused(region_file, errno.EEXIST, op="set", path="logs/alt_name", value="namespace0.0")
+    refused(region_file, errno.EEXIST, op="create-namespace", reconfig="logs", name="db",
+            force=True)
+    refused(region_file, errno.EINVAL, op="create-namespace", size="32M", name="namespace0.7")
+    assert [l.name for l in labels(region_file)] == ["db", "logs"]  # nothing changed
+    # Its own name again is no conflict.
+    assert ok(region_file, op="set", path="db/alt_name", value="db") == "db"
+    assert ok(region_file, op="create-namespace", reconfig="db", mode="raw")["name"] == "db"
+
+
+def test_get_and_set_by_alt_name(region_file):
+    """README: alt_names name namespaces. `get db/size` said ENODEV before."""
+    ok(region_file, op="create-namespace", size="32M", name="db")
+    assert ok(region_file, op="get", path="db/size") == str(32 * MiB)
+    assert ok(region_file, op="set", path="db/alt_name", value="db2") == "db2"
+    assert ok(region_file, op="get", path="db2/uuid") == ok(region_file, op="get",
+                                                           path="namespace0.0/uuid")
+    refused(region_file, errno.ENODEV, op="get", path="nope/size")
