@@ -183,6 +183,7 @@ def _check_file(args, locked: bool = False) -> int:
     if not os.path.exists(args.target):
         print(f"bttctl: {args.target}: no such file", file=sys.stderr)
         return EXIT_USAGE
+    args.target = os.path.realpath(args.target)  # a --repair opens it refusing links
     lock = None
     if args.repair and not locked:
         # A repair must not race a server writing the same BTT (it holds this lock).

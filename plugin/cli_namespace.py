@@ -152,9 +152,10 @@ def offline(paths, lock: bool = True):
         for path in paths:
             if not os.path.isfile(path):
                 raise FileNotFoundError(errno.ENOENT, f"{path}: no such region file")
+            path = os.path.realpath(path)  # as the server does: later opens refuse links
             if lock:
                 locks.append(lock_region(path))
-            registry.add_region(os.path.abspath(path))
+            registry.add_region(path)
         yield registry
     finally:
         for fd in locks:

@@ -34,7 +34,7 @@ def lock_region(path: str) -> int:
     Two servers over one region would each run an engine that believes it owns the BTT's
     free blocks, and corrupt it. flock belongs to the open file, so the lock survives
     nbdkit's daemon fork and goes away with the process, even after kill -9."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # paths come resolved
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -60,7 +60,9 @@ def _error(e: OSError) -> OSError:
 
 def config(key, value):
     if key == "region":
-        settings["regions"].append(os.path.abspath(value))  # nbdkit chdirs to / later
+        # Absolute because nbdkit chdirs to / later; resolved once here, because a link
+        # the user named is theirs to follow, while every later open refuses links.
+        settings["regions"].append(os.path.realpath(value))
     elif key == "durability":
         if value not in ("group", "strict", "none"):
             raise ValueError(f"durability={value}: use group, strict or none")

@@ -30,6 +30,7 @@ import os
 import uuid as uuidlib
 
 from plugin.labels import LabelError, NamespaceLabel
+from plugin.paths import open_for_writing
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4 * KiB
@@ -285,7 +286,7 @@ class FileMedia:
             pass  # nothing readable to find: the fixed places are zeroed regardless
         blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
         primaries = {offset, offset + 4096}
-        fd = os.open(self.path, os.O_WRONLY)
+        fd = open_for_writing(self.path, os.O_WRONLY)
         try:
             # Backups first: a crash in between leaves a valid primary (a BTT that still
             # opens), never a lone backup that makes the namespace refuse to enable.
@@ -297,7 +298,7 @@ class FileMedia:
             os.close(fd)
 
     def wipe(self, offset: int, length: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY)
+        fd = open_for_writing(self.path, os.O_WRONLY)
         try:
             os.pwrite(fd, bytes(length), offset)
             os.fdatasync(fd)

@@ -120,7 +120,7 @@ def _ready(where, proc, timeout=30.0) -> bool:
 
 
 def cmd_serve(args) -> int:
-    regions = [os.path.abspath(r) for r in (args.region or [DEFAULT_REGION])]
+    regions = [os.path.realpath(r) for r in (args.region or [DEFAULT_REGION])]
     if not args.region:
         _default_region(regions[0])
     for r in regions:
