@@ -21,6 +21,8 @@ import struct
 import tempfile
 import threading
 
+from plugin.paths import clear_socket_path, socket_ident, unlink_if_same
+
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 30.0
 MAX_CLIENTS = 32
@@ -64,27 +66,20 @@ class ControlServer:
         self._sock = None
         self._thread = None
         self._stopping = False
+        self._ident = None
 
     def start(self) -> None:
         """Binds and starts accepting. Call after nbdkit has forked (threads die in a fork).
-        A stale socket file is replaced; a live one (another server's) is refused."""
-        if os.path.exists(self.path):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(2)
-                try:
-                    probe.connect(self.path)
-                except OSError:
-                    os.unlink(self.path)  # nobody listens: left over from a killed server
-                else:
-                    raise OSError(errno.EADDRINUSE, f"{self.path}: another server's control "
-                                  "socket is live there")
+        A stale socket is replaced; a live one (another server's), or anything that is not
+        a socket, is refused and left alone (plugin/paths.py)."""
+        clear_socket_path(self.path, "control socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # born 0600: a chmod after bind would follow a swapped-in link
         try:
             sock.bind(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        self._ident = socket_ident(self.path)
         sock.listen(64)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
@@ -99,10 +94,7 @@ class ControlServer:
             except OSError:
                 pass
             self._sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_if_same(self.path, self._ident)  # only the socket we bound, nothing put there since
 
     def _accept_loop(self) -> None:
         while not self._stopping:

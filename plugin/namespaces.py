@@ -39,8 +39,9 @@ def lock_region(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise BttError(errno.EBUSY, f"{path} is served by another process (it holds the "
-                       f"file's lock); use that server's control socket (--control)") from None
+        raise BttError(errno.EBUSY, f"{path} is locked by another server (it is served by "
+                       f"another process, which holds the file's lock); use that server's "
+                       f"control socket (--control)") from None
     return fd
 
 

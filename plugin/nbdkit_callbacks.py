@@ -10,11 +10,13 @@ or one syscall (raw mode). Errors become the errno the client sees via nbdkit.se
 import errno
 import os
 import sys
+import traceback
 
 import nbdkit
 
 from plugin.backends import MAX_REQUEST
 from plugin.namespaces import Registry, lock_region
+from plugin.paths import clear_socket_path
 from plugin.pythread import keep_thread_state
 
 API_VERSION = 2
@@ -46,6 +48,24 @@ class Connection:
         self.export, self.backend, self.readonly = export, export.backend, readonly
         self.pread, self.pwrite = export.backend.pread, export.backend.pwrite  # bound once
         self.thread_state = None
+
+
+class Refusal(Exception):
+    """An expected failure of a non-data callback (a locked region, an unknown export, a
+    connection over the cap): nbdkit logs it as its message alone, see below."""
+
+
+def _format_exception(exc, value=None, tb=None, *args, **kwargs):
+    # nbdkit's Python plugin reports every exception a callback raises through
+    # traceback.format_exception (plugins/python/errors.c). A Refusal is not a bug, and a
+    # traceback in the log would say it was: report its message, one line.
+    if isinstance(exc, Refusal) or isinstance(value, Refusal):
+        return [f"{value if isinstance(value, Refusal) else exc}\n"]
+    return _original_format_exception(exc, value, tb, *args, **kwargs)
+
+
+_original_format_exception = traceback.format_exception
+traceback.format_exception = _format_exception
 
 
 def _error(e: OSError) -> OSError:
@@ -109,16 +129,21 @@ def get_ready():
     # before nbdkit daemonizes; the engines are opened in after_fork, where their commit
     # timers survive. A namespace that cannot be enabled (a damaged BTT, say) stays
     # disabled and is reported; if nothing at all can be served, the server does not start.
-    for path in settings["regions"]:
-        region_locks.append(lock_region(path))
-        registry.add_region(path)
+    try:
+        for path in settings["regions"]:
+            region_locks.append(lock_region(path))
+            registry.add_region(path)
+        if settings["control"]:  # bound in after_fork; refuse a bad path before anything starts
+            clear_socket_path(settings["control"], "control socket")
+    except OSError as e:
+        raise Refusal(e.strerror or str(e)) from None
     problems = [(name, e) for r in registry.regions for name, e in r.probe_errors.items()]
     for name, e in problems:
         print(f"nbdkit-btt: {name} not enabled: {e.strerror}", file=sys.stderr)
     if problems and not any(ns.active_mode for r in registry.regions
                             for ns in r.namespaces.values()):
         name, e = problems[0]
-        raise OSError(e.errno, f"{name}: {e.strerror}; run `bttctl check-namespace`")
+        raise Refusal(f"{name}: {e.strerror}; run `bttctl check-namespace`")
 
 
 def after_fork():
@@ -133,7 +158,11 @@ def after_fork():
         from plugin.control import ControlServer
         from plugin.verbs import handle
         control_server = ControlServer(settings["control"], lambda req: handle(registry, req))
-        control_server.start()
+        try:
+            control_server.start()
+        except OSError as e:
+            control_server = None
+            raise Refusal(e.strerror or str(e)) from None
 
 
 def cleanup():
@@ -158,7 +187,7 @@ def open(readonly):
         export = registry.lookup(name)
         if export is None:
             known = ", ".join(n for n, _ in registry.list_exports()) or "none"
-            raise LookupError(f"no export named {name!r}; exports: {known}")
+            raise Refusal(f"no export named {name!r}; exports: {known}")
         export.clients += 1
         h = Connection(export, readonly or export.backend.readonly)
     # Last, so that no failure can follow it: nbdkit calls close() only after open() succeeded.

@@ -70,7 +70,7 @@ def clear_socket_path(path: str, what: str = "socket") -> None:
     unlink_if_same(path, (st.st_dev, st.st_ino))
 
 
-def ident(path: str):
+def socket_ident(path: str):
     """(st_dev, st_ino) of the socket at path, or None if there is none."""
     try:
         st = os.lstat(path)
@@ -82,7 +82,7 @@ def ident(path: str):
 def unlink_if_same(path: str, ident_) -> bool:
     """Removes path only if it is still the socket identified by ident_ (a path another
     process has taken over since is theirs)."""
-    if ident_ is None or ident(path) != ident_:
+    if ident_ is None or socket_ident(path) != ident_:
         return False
     try:
         os.unlink(path)

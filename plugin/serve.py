@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from plugin.paths import clear_socket_path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "plugin", "nbdkit_btt.py")
 DEFAULT_REGION = os.path.join("var", "region0.img")
@@ -87,22 +89,6 @@ def _listen_args(args, var: str):
     return ["--unix", sock], sock, sock
 
 
-def _listening(path: str) -> bool:
-    """Is a server accepting on this Unix socket? (Unlinking a live socket would leave that
-    server running but unreachable.)"""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2)
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        try:
-            s.recv(18)  # take nbdkit's greeting, so that it does not log a broken pipe
-        except OSError:
-            pass
-        return True
-
-
 def _ready(where, proc, timeout=30.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -129,14 +115,18 @@ def cmd_serve(args) -> int:
             return 64
     var = os.path.dirname(regions[0])
     listen, where_text, where = _listen_args(args, var)
-    if isinstance(where, str) and os.path.exists(where):
-        if _listening(where):
-            _say(f"bttctl serve: a server is already listening on {where}")
-            return 1
-        os.unlink(where)  # a stale socket from an earlier run
     control = os.path.abspath(args.control or (os.path.splitext(where)[0] + ".ctl"
                                                if isinstance(where, str)
                                                else os.path.join(var, "control.sock")))
+    # Only a stale socket may be replaced: `--socket r.img` or `--control notes.txt`
+    # must not delete the file that is there (plugin/paths.py).
+    try:
+        if isinstance(where, str):
+            clear_socket_path(where, "NBD socket")
+        clear_socket_path(control, "control socket")
+    except OSError as e:
+        _say(f"bttctl serve: {e.strerror}")
+        return 1
     argv = ["nbdkit", "--foreground", *listen, *(["-r"] if args.readonly else []),
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",

@@ -178,3 +178,36 @@ def test_a_live_socket_is_not_taken_over(server):
         assert request(stale, {"op": "get"})["ok"]
     finally:
         third.stop()
+
+
+@pytest.mark.parametrize("kind", ["regular file", "symbolic link", "directory"])
+def test_only_a_stale_socket_is_replaced(tmp_path, kind):
+    """Whatever is at the path but a socket is left exactly as it was, and start refuses
+    with one line naming the path and what is there."""
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"keep me\n")
+    path = tmp_path / "control.sock"
+    {"regular file": lambda: path.write_bytes(b"keep me too\n"),
+     "symbolic link": lambda: path.symlink_to(precious),
+     "directory": path.mkdir}[kind]()
+    srv = ControlServer(str(path), Counter())
+    with pytest.raises(OSError) as e:
+        srv.start()
+    assert e.value.errno == errno.EEXIST and kind in str(e.value) and str(path) in str(e.value)
+    assert os.path.lexists(path) and precious.read_bytes() == b"keep me\n"
+    if kind == "regular file":
+        assert path.read_bytes() == b"keep me too\n"
+
+
+def test_stop_removes_only_the_socket_it_bound(tmp_path):
+    path = tmp_path / "control.sock"
+    srv = ControlServer(str(path), Counter())
+    srv.start()
+    os.rename(path, tmp_path / "moved.sock")
+    path.write_bytes(b"someone else's\n")  # taken over while we ran
+    srv.stop()
+    assert path.read_bytes() == b"someone else's\n"
+    srv = ControlServer(str(tmp_path / "other.sock"), Counter())
+    srv.start()
+    srv.stop()
+    assert not (tmp_path / "other.sock").exists()

@@ -113,3 +113,57 @@ def test_second_serve_leaves_the_running_one_alone(tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(20) == 0
+
+
+def _serve_fails(cwd, *args):
+    p = subprocess.run([*BTTCTL, "serve", *args], cwd=cwd, env=dict(ENV, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and p.stdout == "", (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and "serving" not in p.stderr
+    return p.stderr
+
+
+@pytest.fixture
+def region(tmp_path):
+    from btt_core import Btt
+    path = tmp_path / "r.img"
+    Btt.create(str(path), size=64 << 20).close()
+    return path
+
+
+def test_socket_path_over_the_region_is_refused(tmp_path, region):
+    """`--socket r.img` must not delete the region to bind a socket there."""
+    before = region.read_bytes()
+    err = _serve_fails(tmp_path, "--region", str(region), "--socket", str(region))
+    assert f"NBD socket path {region} is a regular file; refusing" in err
+    assert len(err.strip().splitlines()) == 1 and region.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["regular file", "symbolic link", "directory"])
+def test_control_path_must_be_free_or_a_stale_socket(tmp_path, region, kind):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    path = {"regular file": precious, "symbolic link": tmp_path / "link.ctl",
+            "directory": tmp_path / "dir.ctl"}[kind]
+    if kind == "symbolic link":
+        path.symlink_to(precious)
+    elif kind == "directory":
+        path.mkdir()
+    err = _serve_fails(tmp_path, "--region", str(region), "--control", str(path))
+    assert f"control socket path {path} is a {kind}" in err or f"is {kind}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert os.path.lexists(path) and precious.read_text() == "keep me\n"
+    assert not (tmp_path / "r.sock").exists() and not os.path.exists(str(region) + ".journal")
+
+
+def test_a_stale_socket_is_replaced(tmp_path, region):
+    stale = tmp_path / "s.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # left by a killed server: nobody answers
+    p, uri = start_serve(tmp_path, "--region", str(region), "--socket", str(stale))
+    try:
+        assert uri.endswith(f"socket={stale}")
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
