@@ -2,13 +2,14 @@
 
     nbdkit -U SOCK python plugin/nbdkit_btt.py region=FILE [region=FILE ...]
            [durability=group|strict|none] [zero-flag=on|off] [threadmodel=...]
-           [commit-ms=50] [control=PATH] [readonly=on]
+           [commit-ms=50] [control=PATH] [readonly=on] [max-connections=N]
 
 Data callbacks are one line each: the namespace's backend does one C call (sector mode)
 or one syscall (raw mode). Errors become the errno the client sees via nbdkit.set_error.
 """
 import errno
 import os
+import resource
 import sys
 import traceback
 
@@ -31,9 +32,14 @@ THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
                  "parallel": nbdkit.THREAD_MODEL_PARALLEL}
 settings = {"regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
-            "threadmodel": "serialize_all", "commit-ms": "50", "control": None}
+            "threadmodel": "serialize_all", "commit-ms": "50", "control": None,
+            "max-connections": None}
 registry = Registry(settings)
 control_server = None
+connections = {"open": 0}  # NBD connections past open(), under registry.lock
+DEFAULT_MAX_CONNECTIONS = 256
+FD_HEADROOM = 64  # descriptors kept for nbdkit itself (~12), region files and journals, and
+                  # the control socket's clients (up to 32)
 region_locks = []  # open descriptors holding each region file's lock until the process exits
 
 
@@ -101,12 +107,17 @@ def config(key, value):
         settings[key] = value
     elif key == "control":
         settings[key] = os.path.abspath(value)
+    elif key == "max-connections":
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"max-connections={value}: use a number of connections, 1 or more")
+        settings[key] = int(value)
     else:
         raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
-                         f"zero-flag, threadmodel, commit-ms, control, readonly")
+                         f"zero-flag, threadmodel, commit-ms, control, readonly, max-connections")
 
 
 def config_complete():
+    settings["max-connections"] = _connection_cap(settings["max-connections"])
     if not settings["regions"]:
         raise ValueError("give at least one region=FILE")
     seen = {}
@@ -118,6 +129,33 @@ def config_complete():
         if key in seen:  # two engines over one BTT would corrupt it
             raise ValueError(f"region={path} is the same file as region={seen[key]}")
         seen[key] = path
+
+
+def _connection_cap(wanted):
+    """Raises the soft descriptor limit to the hard one and returns how many NBD connections
+    to serve at once. With descriptors exhausted nbdkit's accept loop spins at full CPU
+    logging EMFILE while new clients hang; a cap below the limit turns that into prompt,
+    logged refusals. A connection costs nbdkit one descriptor, three under the parallel
+    thread model (its socket and a status pipe, measured); FD_HEADROOM keeps room for the
+    region files, journals and control clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    per_connection = 3 if settings["threadmodel"] == "parallel" else 1
+    if soft == resource.RLIM_INFINITY:
+        fit = DEFAULT_MAX_CONNECTIONS
+    else:
+        fit = max(1, (soft - FD_HEADROOM) // per_connection)
+    if wanted is None:
+        return min(DEFAULT_MAX_CONNECTIONS, fit)
+    if wanted > fit:
+        print(f"nbdkit-btt: max-connections={wanted} lowered to {fit}: the file descriptor "
+              f"limit is {soft}", file=sys.stderr)
+    return min(wanted, fit)
 
 
 def thread_model():
@@ -184,11 +222,16 @@ def default_export(readonly, is_tls):
 def open(readonly):
     name = nbdkit.export_name()
     with registry.lock:
+        if connections["open"] >= settings["max-connections"]:
+            raise Refusal(f"connection refused: {connections['open']} connections are open, "
+                          f"the most this server takes (max-connections="
+                          f"{settings['max-connections']})")
         export = registry.lookup(name)
         if export is None:
             known = ", ".join(n for n, _ in registry.list_exports()) or "none"
             raise Refusal(f"no export named {name!r}; exports: {known}")
         export.clients += 1
+        connections["open"] += 1
         h = Connection(export, readonly or export.backend.readonly)
     # Last, so that no failure can follow it: nbdkit calls close() only after open() succeeded.
     h.thread_state = keep_thread_state()  # plugin/pythread.py: no thread state per request
@@ -198,6 +241,7 @@ def open(readonly):
 def close(h):
     with registry.lock:
         h.export.clients -= 1
+        connections["open"] -= 1
     if h.thread_state is not None and not h.thread_state.release():
         nbdkit.debug("connection closed on another thread than it opened on: "
                      "its Python thread state stays allocated")

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                    default="serialize_all")
     p.add_argument("--readonly", action="store_true", help="export read-only (nbdkit -r): nothing is written to the region files")
     p.add_argument("--control", help="control socket path (default: beside the NBD socket)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="NBD connections served at once; more are refused (default 256, "
+                   "fewer if the file descriptor limit is low)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -131,7 +134,8 @@ def cmd_serve(args) -> int:
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
-            f"control={control}", *(["readonly=on"] if args.readonly else [])]
+            f"control={control}", *(["readonly=on"] if args.readonly else []),
+            *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
     proc = subprocess.Popen(argv, env=env)
     stop = {"signal": None, "at": 0.0}
