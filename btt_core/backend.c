@@ -154,19 +154,39 @@ static const struct btt_io_ops file_ops = {
 	.next_hole = file_next_hole, .size = file_size, .destroy = file_destroy,
 };
 
-int btt_file_open(const char *path, int readonly, int create, uint64_t min_size,
+int btt_file_open(const char *path, int readonly, unsigned create_mode, uint64_t min_size,
 		  struct btt_io **out)
 {
-	int flags = (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (create && !readonly ? O_CREAT : 0);
-	int fd = open(path, flags, 0644);
+	int strict = !readonly || create_mode;
+	/* O_NONBLOCK: opening a FIFO planted at the path must fail the type check below,
+	 * not hang; it is cleared again once the file is known to be what we expect. */
+	int flags = (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK |
+		    (strict ? O_NOFOLLOW : 0) | (create_mode && !readonly ? O_CREAT : 0);
+	int fd = open(path, flags, (mode_t)create_mode);
 	struct stat st;
 	struct file_io *f;
 
-	if (fd < 0)
-		return seterr(errno, "cannot open %s: %s", path, strerror(errno));
-	if (fstat(fd, &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))) {
+	if (fd < 0) {
+		int e = errno;
+		if (e == ELOOP && strict)
+			return seterr(ELOOP, "%s is a symbolic link; refusing to follow it for "
+				      "writing (name the file itself)", path);
+		return seterr(e, "cannot open %s: %s", path, strerror(e));
+	}
+	if (fstat(fd, &st) < 0) {
+		int e = errno;
 		close(fd);
-		return seterr(EINVAL, "%s is not a regular file or block device", path);
+		return seterr(e, "cannot stat %s: %s", path, strerror(e));
+	}
+	if (!(S_ISREG(st.st_mode) || (!strict && S_ISBLK(st.st_mode)))) {
+		close(fd);
+		return seterr(EINVAL, "%s is not a regular file%s; refusing to %s it", path,
+			      strict ? "" : " or block device", strict ? "write to" : "use");
+	}
+	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+		int e = errno;
+		close(fd);
+		return seterr(e, "cannot set up %s: %s", path, strerror(e));
 	}
 	if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < min_size) {
 		if (readonly) {
@@ -193,6 +213,19 @@ int btt_file_open(const char *path, int readonly, int create, uint64_t min_size,
 	f->io.ops = &file_ops;
 	f->fd = fd;
 	*out = &f->io;
+	return 0;
+}
+
+int btt_file_ident(struct btt_io *io, uint64_t *dev, uint64_t *ino)
+{
+	struct stat st;
+
+	if (io->ops != &file_ops)
+		return seterr(EINVAL, "not a file backend");
+	if (fstat(((struct file_io *)io)->fd, &st) < 0)
+		return seterr(errno, "fstat: %s", strerror(errno));
+	*dev = (uint64_t)st.st_dev;
+	*ino = (uint64_t)st.st_ino;
 	return 0;
 }
 

@@ -43,8 +43,16 @@ struct btt_io {
 	const struct btt_io_ops *ops;
 };
 
-/* create: make the file if missing; min_size: extend (sparsely) to at least this size. */
-int btt_file_open(const char *path, int readonly, int create, uint64_t min_size, struct btt_io **out);
+/* create_mode: make the file if missing, with these permission bits (0: never create);
+ * min_size: extend (sparsely) to at least this size. A file opened for writing, or created,
+ * is opened without following a symbolic link at path and must be a regular file: the
+ * server derives some of these paths itself (the journal), and a link or device planted
+ * there must not redirect its writes. Read-only opens also accept block devices. */
+int btt_file_open(const char *path, int readonly, unsigned create_mode, uint64_t min_size,
+		  struct btt_io **out);
+/* The (st_dev, st_ino) of the file a file backend has open; -EINVAL for memory images.
+ * Lets a caller remove a path only while it still names the file it opened. */
+int btt_file_ident(struct btt_io *io, uint64_t *dev, uint64_t *ino);
 struct btt_io *btt_mem_new(uint64_t size);
 struct btt_io *btt_mem_clone(struct btt_io *mem);
 void btt_io_destroy(struct btt_io *io);

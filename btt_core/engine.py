@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import stat
 import uuid as _uuid
 
 from ._btt_cffi import ffi, lib
@@ -59,10 +60,19 @@ class Io:
         self.kind = kind
 
     @classmethod
-    def file(cls, path, *, readonly=False, create=False, min_size=0) -> "Io":
+    def file(cls, path, *, readonly=False, create=False, min_size=0, mode=0o644) -> "Io":
+        """Opened for writing (or created), path must be a regular file and not a symbolic
+        link (btt.h, btt_file_open)."""
         out = ffi.new("struct btt_io **")
-        _check(lib.btt_file_open(os.fsencode(path), int(readonly), int(create), min_size, out))
+        _check(lib.btt_file_open(os.fsencode(path), int(readonly), mode if create else 0,
+                                 min_size, out))
         return cls(out[0], "file")
+
+    def ident(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the open file: which file a path must still name."""
+        dev, ino = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        _check(lib.btt_file_ident(self._ptr, dev, ino))
+        return dev[0], ino[0]
 
     @classmethod
     def memory(cls, size: int) -> "Io":
@@ -208,6 +218,36 @@ def _journal_path(path, offset: int) -> str:
     return f"{path}.journal" if offset == 0 else f"{path}.journal.{offset}"
 
 
+def _open_journal(jpath: str, readonly: bool) -> Io:
+    """The intent journal sits at a path derived from the region's, in a directory others
+    may write to: a symbolic link or device planted there is refused, never written through
+    (or, read-only, replayed from), and a new journal is private to the server's uid."""
+    try:
+        st = os.lstat(jpath)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        err = _errno.ELOOP if stat.S_ISLNK(st.st_mode) else _errno.EINVAL
+        raise BttError(err, f"intent journal {jpath} is {what}; refusing to use it (remove "
+                       "it if it is not yours)")
+    try:
+        return Io.file(jpath, readonly=readonly, create=not readonly, mode=0o600)
+    except BttError as e:  # raced with the check above: the C open refuses it too
+        raise BttError(e.errno, f"intent journal: {e.strerror}") from None
+
+
+def _remove_journal(jpath: str, ident) -> None:
+    """Removes the committed journal only while jpath still names the file we had open: a
+    path swapped for a link or another file since is not ours to delete."""
+    try:
+        st = os.lstat(jpath)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+        os.unlink(jpath)
+
+
 class Btt:
     """An open BTT. Thread-safe: reads and writes may run concurrently from many threads."""
 
@@ -283,11 +323,11 @@ class Btt:
         try:
             if durability == "group":
                 if readonly:
-                    jio = Io.file(jpath, readonly=True) if os.path.exists(jpath) else None
+                    jio = _open_journal(jpath, readonly=True) if os.path.lexists(jpath) else None
                 elif os.environ.get("BTT_TEST_MUTATION") == "no-journal":
                     jio = None  # test-only: proves the kill -9 test catches a journal-less server
                 else:
-                    jio = Io.file(jpath, create=True)
+                    jio = _open_journal(jpath, readonly=False)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,
                                readonly=readonly, durability=durability, version=version,
                                journal=jio, _owned_path=jpath)
@@ -419,10 +459,8 @@ class Btt:
         try:
             _check(lib.btt_shutdown(self._ptr), "close")
             if owned and self._journal and not self.readonly:
-                try:
-                    os.unlink(self._journal_path)  # committed: nothing left to replay
-                except FileNotFoundError:
-                    pass
+                # committed: nothing left to replay
+                _remove_journal(self._journal_path, self._journal.ident())
         finally:
             if owned:
                 if self._journal:

@@ -14,7 +14,7 @@ import os
 import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
-from plugin.cli_namespace import DEFAULT_CONTROL, where_args
+from plugin.cli_namespace import default_control, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
 EXIT_USAGE, EXIT_IO = 64, 74
@@ -131,7 +131,7 @@ def _check_served(args) -> int:
     except OSError as e:
         print(f"bttctl: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
-    control = args.control or DEFAULT_CONTROL
+    control = args.control or default_control()
     enabled = ns["state"] == "enabled"
     if enabled and not args.force:
         print(f"bttctl: {args.target} is enabled (EBUSY): disable it first "
@@ -183,6 +183,7 @@ def _check_file(args, locked: bool = False) -> int:
     if not os.path.exists(args.target):
         print(f"bttctl: {args.target}: no such file", file=sys.stderr)
         return EXIT_USAGE
+    args.target = os.path.realpath(args.target)  # a --repair opens it refusing links
     lock = None
     if args.repair and not locked:
         # A repair must not race a server writing the same BTT (it holds this lock).

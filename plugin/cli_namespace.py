@@ -2,7 +2,7 @@
 get | set | create-region`: ndctl's namespace verbs.
 
 Every verb except create-region runs against a running server (`--control PATH`, printed
-by `bttctl serve`; default var/nbd.ctl) or offline on a region file (`--region FILE`). Both
+by `bttctl serve`; default: see default_control) or offline on a region file (`--region FILE`). Both
 go through the same code (plugin/verbs.py); offline, the region file's lock is held for the
 command, so it cannot race a server. JSON on stdout, messages on stderr naming the errno.
 Exit status: 0 success, 1 refused (the errno says why), 64 usage error or no server.
@@ -13,9 +13,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 
 from plugin.control import error_reply, request
+from plugin.paths import socket_ident
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
 EXIT_REFUSED, EXIT_USAGE = 1, 64
@@ -119,7 +121,8 @@ def where_args(p, region_help: str) -> None:
     """--control SOCK or --region FILE: where a verb finds its namespaces (`run` reads them)."""
     where = p.add_mutually_exclusive_group()
     where.add_argument("--control", default=None,
-                       help=f"a running server's control socket (default: {DEFAULT_CONTROL})")
+                       help=f"a running server's control socket (default: {DEFAULT_CONTROL}, "
+                       "or the only var/nbd-PORT.ctl of a TCP server)")
     where.add_argument("--region", dest="region_file", metavar="FILE", action="append",
                        default=None, help=region_help)
 
@@ -152,21 +155,48 @@ def offline(paths, lock: bool = True):
         for path in paths:
             if not os.path.isfile(path):
                 raise FileNotFoundError(errno.ENOENT, f"{path}: no such region file")
+            path = os.path.realpath(path)  # as the server does: later opens refuse links
             if lock:
                 locks.append(lock_region(path))
-            registry.add_region(os.path.abspath(path))
+            registry.add_region(path)
         yield registry
     finally:
         for fd in locks:
             os.close(fd)
 
 
-def call(control: str, req: dict) -> dict:
-    """One request to a server; raises OSError when it cannot be reached."""
+def default_control() -> str:
+    """The control socket of `bttctl serve` run in this directory: var/nbd.ctl (a Unix
+    socket server's), else the one var/nbd-PORT.ctl (a TCP server's, one per port) if
+    there is exactly one. With several TCP servers, --control must choose."""
+    if os.path.lexists(DEFAULT_CONTROL):
+        return DEFAULT_CONTROL
+    var = os.path.dirname(DEFAULT_CONTROL)
+    try:
+        found = sorted(os.path.join(var, f) for f in os.listdir(var)
+                       if re.fullmatch(r"nbd-\d+\.ctl", f) and socket_ident(os.path.join(var, f)))
+    except OSError:
+        found = []
+    if len(found) > 1:
+        raise OSError(errno.EINVAL, f"several servers' control sockets: {', '.join(found)}; "
+                      "choose one with --control")
+    return found[0] if found else DEFAULT_CONTROL
+
+
+def call(control: str | None, req: dict) -> dict:
+    """One request to a server (control None: default_control()); raises OSError when it
+    cannot be reached."""
+    control = control or default_control()
     if not os.path.exists(control):
         raise FileNotFoundError(errno.ENOENT, f"no control socket at {control}: is `bttctl "
                                 "serve` running? (or work offline with --region FILE)")
-    return request(control, req)
+    try:
+        return request(control, req)
+    except ConnectionRefusedError:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, f"no server is running on {control} "
+                                     "(a stale socket left by a killed server?); start one "
+                                     "with `bttctl serve`, or work offline with --region "
+                                     "FILE") from None
 
 
 def call_offline(paths, req: dict, lock: bool = True) -> dict:
@@ -183,7 +213,7 @@ def run(args, req: dict, lock: bool = True) -> dict:
     """The reply to `req` from wherever args point (--region files or --control)."""
     if getattr(args, "region_file", None):
         return call_offline(args.region_file, req, lock)
-    return call(args.control or DEFAULT_CONTROL, req)
+    return call(args.control, req)
 
 
 def _run(args) -> int:

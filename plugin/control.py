@@ -4,8 +4,10 @@ per line. Transport only; what the requests mean is the handler's business.
 Safety rules (design.md, "Control plane"):
 * the socket is created mode 0600; `private_socket_dir()` makes a 0700 directory for it;
 * peers are identified with SO_PEERCRED: only the server's own uid and root may talk;
-* lines are bounded (64 KiB), idle clients time out, malformed input gets an error reply,
-  and nothing a client sends can raise out of the server;
+* lines are bounded (64 KiB, whether or not the newline has come), each request has a
+  total deadline (a client trickling a byte at a time cannot hold a slot), malformed or
+  deeply nested input gets an error reply, and nothing a client sends can raise out of
+  the server;
 * handler calls from all clients are serialised by one lock, which the I/O path never takes.
 
 Replies: {"id": ..., "ok": true, "result": ...} or
@@ -20,9 +22,12 @@ import socket
 import struct
 import tempfile
 import threading
+import time
+
+from plugin.paths import clear_socket_path, socket_ident, unlink_if_same
 
 MAX_LINE = 64 * 1024
-IDLE_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0  # from the first byte a request may take, to its newline
 MAX_CLIENTS = 32
 
 
@@ -53,38 +58,31 @@ def peer_uid(conn: socket.socket) -> int:
 class ControlServer:
     """Serves `handler(request: dict) -> result` on a Unix socket from background threads."""
 
-    def __init__(self, path: str, handler, *, idle_timeout: float = IDLE_TIMEOUT,
+    def __init__(self, path: str, handler, *, request_timeout: float = REQUEST_TIMEOUT,
                  max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS):
         self.path = os.path.abspath(path)
         self.handler = handler
-        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self.max_line = max_line
         self.lock = threading.Lock()  # the "bus lock": one state change at a time
         self._clients = threading.BoundedSemaphore(max_clients)
         self._sock = None
         self._thread = None
         self._stopping = False
+        self._ident = None
 
     def start(self) -> None:
         """Binds and starts accepting. Call after nbdkit has forked (threads die in a fork).
-        A stale socket file is replaced; a live one (another server's) is refused."""
-        if os.path.exists(self.path):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(2)
-                try:
-                    probe.connect(self.path)
-                except OSError:
-                    os.unlink(self.path)  # nobody listens: left over from a killed server
-                else:
-                    raise OSError(errno.EADDRINUSE, f"{self.path}: another server's control "
-                                  "socket is live there")
+        A stale socket is replaced; a live one (another server's), or anything that is not
+        a socket, is refused and left alone (plugin/paths.py)."""
+        clear_socket_path(self.path, "control socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # born 0600: a chmod after bind would follow a swapped-in link
         try:
             sock.bind(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        self._ident = socket_ident(self.path)
         sock.listen(64)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
@@ -99,10 +97,7 @@ class ControlServer:
             except OSError:
                 pass
             self._sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_if_same(self.path, self._ident)  # only the socket we bound, nothing put there since
 
     def _accept_loop(self) -> None:
         while not self._stopping:
@@ -133,21 +128,28 @@ class ControlServer:
                 self._send(conn, error_reply(None, errno.EACCES,
                                              f"uid {uid} may not use this control socket"))
                 return
-            conn.settimeout(self.idle_timeout)
             buf = b""
+            deadline = time.monotonic() + self.request_timeout
             while True:
                 nl = buf.find(b"\n")
+                if (nl if nl >= 0 else len(buf)) > self.max_line:
+                    self._send(conn, error_reply(None, errno.E2BIG,
+                                                 f"request longer than {self.max_line} bytes"))
+                    return
                 if nl < 0:
-                    if len(buf) > self.max_line:
-                        self._send(conn, error_reply(None, errno.E2BIG,
-                                                     f"request longer than {self.max_line} bytes"))
+                    # The deadline is for the whole request, not per recv: one byte every
+                    # few seconds must not hold a client slot forever.
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._send(conn, error_reply(None, errno.ETIMEDOUT,
+                                                     "no complete request before the timeout "
+                                                     f"({self.request_timeout:g} s)"))
                         return
+                    conn.settimeout(left)
                     try:
                         chunk = conn.recv(65536)
                     except socket.timeout:
-                        self._send(conn, error_reply(None, errno.ETIMEDOUT,
-                                                     "no complete request before the timeout"))
-                        return
+                        continue  # the deadline check above replies
                     if not chunk:
                         return
                     buf += chunk
@@ -155,6 +157,7 @@ class ControlServer:
                 line, buf = buf[:nl], buf[nl + 1:]
                 if line.strip() and not self._send(conn, self._answer(line)):
                     return
+                deadline = time.monotonic() + self.request_timeout  # the next request's
         except OSError:
             return
         finally:
@@ -166,6 +169,8 @@ class ControlServer:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError) as e:
             return error_reply(None, errno.EINVAL, f"not a JSON object: {e}")
+        except RecursionError:  # json's C decoder gives up on deep nesting this way
+            return error_reply(None, errno.EINVAL, "not a JSON object: nested too deeply")
         if not isinstance(request, dict):
             return error_reply(None, errno.EINVAL, "a request must be a JSON object")
         req_id = request.get("id")

@@ -21,6 +21,8 @@ import os
 import struct
 import uuid as uuidlib
 
+from plugin.paths import open_for_writing
+
 INDEX_SIGNATURE = b"NAMESPACE_INDEX\0"
 INDEX_HEADER_SIZE = 72
 INDEX_ALIGN = 256
@@ -255,7 +257,8 @@ class FileMedium:
     """The label area's bytes inside a file; `sync` orders the label and index writes."""
 
     def __init__(self, path, writable: bool = True):
-        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self.fd = (open_for_writing(path) if writable
+                   else os.open(path, os.O_RDONLY | os.O_CLOEXEC))
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

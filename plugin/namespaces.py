@@ -34,13 +34,14 @@ def lock_region(path: str) -> int:
     Two servers over one region would each run an engine that believes it owns the BTT's
     free blocks, and corrupt it. flock belongs to the open file, so the lock survives
     nbdkit's daemon fork and goes away with the process, even after kill -9."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # paths come resolved
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise BttError(errno.EBUSY, f"{path} is served by another process (it holds the "
-                       f"file's lock); use that server's control socket (--control)") from None
+        raise BttError(errno.EBUSY, f"{path} is locked by another server (it is served by "
+                       f"another process, which holds the file's lock); use that server's "
+                       f"control socket (--control)") from None
     return fd
 
 

@@ -2,19 +2,22 @@
 
     nbdkit -U SOCK python plugin/nbdkit_btt.py region=FILE [region=FILE ...]
            [durability=group|strict|none] [zero-flag=on|off] [threadmodel=...]
-           [commit-ms=50] [control=PATH] [readonly=on]
+           [commit-ms=50] [control=PATH] [readonly=on] [max-connections=N]
 
 Data callbacks are one line each: the namespace's backend does one C call (sector mode)
 or one syscall (raw mode). Errors become the errno the client sees via nbdkit.set_error.
 """
 import errno
 import os
+import resource
 import sys
+import traceback
 
 import nbdkit
 
 from plugin.backends import MAX_REQUEST
 from plugin.namespaces import Registry, lock_region
+from plugin.paths import clear_socket_path
 from plugin.pythread import ConnectionThreads, keep_thread_state
 
 API_VERSION = 2
@@ -29,9 +32,14 @@ THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
                  "parallel": nbdkit.THREAD_MODEL_PARALLEL}
 settings = {"regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
-            "threadmodel": "serialize_all", "commit-ms": "50", "control": None}
+            "threadmodel": "serialize_all", "commit-ms": "50", "control": None,
+            "max-connections": None}
 registry = Registry(settings)
 control_server = None
+connections = {"open": 0}  # NBD connections past open(), under registry.lock
+DEFAULT_MAX_CONNECTIONS = 256
+FD_HEADROOM = 64  # descriptors kept for nbdkit itself (~12), region files and journals, and
+                  # the control socket's clients (up to 32)
 region_locks = []  # open descriptors holding each region file's lock until the process exits
 
 
@@ -54,6 +62,24 @@ class Connection:
             self.pwrite = self.workers.pinned(self.pwrite)
 
 
+class Refusal(Exception):
+    """An expected failure of a non-data callback (a locked region, an unknown export, a
+    connection over the cap): nbdkit logs it as its message alone, see below."""
+
+
+def _format_exception(exc, value=None, tb=None, *args, **kwargs):
+    # nbdkit's Python plugin reports every exception a callback raises through
+    # traceback.format_exception (plugins/python/errors.c). A Refusal is not a bug, and a
+    # traceback in the log would say it was: report its message, one line.
+    if isinstance(exc, Refusal) or isinstance(value, Refusal):
+        return [f"{value if isinstance(value, Refusal) else exc}\n"]
+    return _original_format_exception(exc, value, tb, *args, **kwargs)
+
+
+_original_format_exception = traceback.format_exception
+traceback.format_exception = _format_exception
+
+
 def _error(e: OSError) -> OSError:
     """Tells nbdkit which errno the client gets, and returns the exception to raise without
     its traceback: nbdkit logs the traceback of every failed request, and a misbehaving
@@ -66,7 +92,9 @@ def _error(e: OSError) -> OSError:
 
 def config(key, value):
     if key == "region":
-        settings["regions"].append(os.path.abspath(value))  # nbdkit chdirs to / later
+        # Absolute because nbdkit chdirs to / later; resolved once here, because a link
+        # the user named is theirs to follow, while every later open refuses links.
+        settings["regions"].append(os.path.realpath(value))
     elif key == "durability":
         if value not in ("group", "strict", "none"):
             raise ValueError(f"durability={value}: use group, strict or none")
@@ -85,12 +113,17 @@ def config(key, value):
         settings[key] = value
     elif key == "control":
         settings[key] = os.path.abspath(value)
+    elif key == "max-connections":
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"max-connections={value}: use a number of connections, 1 or more")
+        settings[key] = int(value)
     else:
         raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
-                         f"zero-flag, threadmodel, commit-ms, control, readonly")
+                         f"zero-flag, threadmodel, commit-ms, control, readonly, max-connections")
 
 
 def config_complete():
+    settings["max-connections"] = _connection_cap(settings["max-connections"])
     if not settings["regions"]:
         raise ValueError("give at least one region=FILE")
     seen = {}
@@ -104,6 +137,33 @@ def config_complete():
         seen[key] = path
 
 
+def _connection_cap(wanted):
+    """Raises the soft descriptor limit to the hard one and returns how many NBD connections
+    to serve at once. With descriptors exhausted nbdkit's accept loop spins at full CPU
+    logging EMFILE while new clients hang; a cap below the limit turns that into prompt,
+    logged refusals. A connection costs nbdkit one descriptor, three under the parallel
+    thread model (its socket and a status pipe, measured); FD_HEADROOM keeps room for the
+    region files, journals and control clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    per_connection = 3 if settings["threadmodel"] == "parallel" else 1
+    if soft == resource.RLIM_INFINITY:
+        fit = DEFAULT_MAX_CONNECTIONS
+    else:
+        fit = max(1, (soft - FD_HEADROOM) // per_connection)
+    if wanted is None:
+        return min(DEFAULT_MAX_CONNECTIONS, fit)
+    if wanted > fit:
+        print(f"nbdkit-btt: max-connections={wanted} lowered to {fit}: the file descriptor "
+              f"limit is {soft}", file=sys.stderr)
+    return min(wanted, fit)
+
+
 def thread_model():
     return THREAD_MODELS[settings["threadmodel"]]
 
@@ -113,16 +173,21 @@ def get_ready():
     # before nbdkit daemonizes; the engines are opened in after_fork, where their commit
     # timers survive. A namespace that cannot be enabled (a damaged BTT, say) stays
     # disabled and is reported; if nothing at all can be served, the server does not start.
-    for path in settings["regions"]:
-        region_locks.append(lock_region(path))
-        registry.add_region(path)
+    try:
+        for path in settings["regions"]:
+            region_locks.append(lock_region(path))
+            registry.add_region(path)
+        if settings["control"]:  # bound in after_fork; refuse a bad path before anything starts
+            clear_socket_path(settings["control"], "control socket")
+    except OSError as e:
+        raise Refusal(e.strerror or str(e)) from None
     problems = [(name, e) for r in registry.regions for name, e in r.probe_errors.items()]
     for name, e in problems:
         print(f"nbdkit-btt: {name} not enabled: {e.strerror}", file=sys.stderr)
     if problems and not any(ns.active_mode for r in registry.regions
                             for ns in r.namespaces.values()):
         name, e = problems[0]
-        raise OSError(e.errno, f"{name}: {e.strerror}; run `bttctl check-namespace`")
+        raise Refusal(f"{name}: {e.strerror}; run `bttctl check-namespace`")
 
 
 def after_fork():
@@ -137,7 +202,11 @@ def after_fork():
         from plugin.control import ControlServer
         from plugin.verbs import handle
         control_server = ControlServer(settings["control"], lambda req: handle(registry, req))
-        control_server.start()
+        try:
+            control_server.start()
+        except OSError as e:
+            control_server = None
+            raise Refusal(e.strerror or str(e)) from None
 
 
 def cleanup():
@@ -159,11 +228,16 @@ def default_export(readonly, is_tls):
 def open(readonly):
     name = nbdkit.export_name()
     with registry.lock:
+        if connections["open"] >= settings["max-connections"]:
+            raise Refusal(f"connection refused: {connections['open']} connections are open, "
+                          f"the most this server takes (max-connections="
+                          f"{settings['max-connections']})")
         export = registry.lookup(name)
         if export is None:
             known = ", ".join(n for n, _ in registry.list_exports()) or "none"
-            raise LookupError(f"no export named {name!r}; exports: {known}")
+            raise Refusal(f"no export named {name!r}; exports: {known}")
         export.clients += 1
+        connections["open"] += 1
         h = Connection(export, readonly or export.backend.readonly,
                        settings["threadmodel"] == "parallel")
     # Last, so that no failure can follow it: nbdkit calls close() only after open() succeeded.
@@ -174,6 +248,7 @@ def open(readonly):
 def close(h):
     with registry.lock:
         h.export.clients -= 1
+        connections["open"] -= 1
     if h.workers is not None and h.workers.release():
         nbdkit.debug("a worker thread outlived its connection: its Python thread state "
                      "stays allocated")

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from plugin.paths import clear_socket_path, socket_ident, unlink_if_same
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "plugin", "nbdkit_btt.py")
 DEFAULT_REGION = os.path.join("var", "region0.img")
 DEFAULT_SIZE = 1 << 30
+STOP_WAIT = 10.0  # seconds Ctrl-C waits for connected clients before killing nbdkit
 
 
 def register(subparsers) -> None:
@@ -29,13 +31,24 @@ def register(subparsers) -> None:
     p.add_argument("--socket", help="Unix socket path (default: var/nbd.sock)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", nargs="?", const="10809",
                    help="listen on TCP instead (host defaults to localhost, port to 10809)")
-    p.add_argument("--durability", choices=["group", "strict", "none"], default="group")
+    p.add_argument("--durability", choices=["group", "strict", "none"], default="group",
+                   help="group (default): epoch commits plus an intent journal beside the "
+                   "region, so kill -9 loses no acknowledged write; strict: every "
+                   "acknowledged write is durable, as the kernel does; none: never sync "
+                   "(tmpfs, benchmarks). See docs/engine.md")
     p.add_argument("--zero-flag", choices=["on", "off"], default="off",
                    help="serve TRIM and fast zeroing through the BTT map's Z flag (see docs)")
     p.add_argument("--threadmodel", choices=["serialize_all", "serialize_requests", "parallel"],
-                   default="serialize_all")
+                   default="serialize_all",
+                   help="nbdkit thread model (default serialize_all, the fastest measured on "
+                   "fast storage; parallel can pay with --durability strict on slow disks). "
+                   "See docs/serving.md")
     p.add_argument("--readonly", action="store_true", help="export read-only (nbdkit -r): nothing is written to the region files")
-    p.add_argument("--control", help="control socket path (default: beside the NBD socket)")
+    p.add_argument("--control", help="control socket path (default: beside the NBD socket; "
+                   "with --tcp, nbd-PORT.ctl beside the first region)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="NBD connections served at once; more are refused (default 256, "
+                   "fewer if the file descriptor limit is low)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -61,106 +74,131 @@ def _default_region(path: str) -> None:
         raise SystemExit(f"bttctl serve: creating the demo namespace: {reply['error']}")
 
 
-def _first_export(control: str) -> str | None:
-    """The first enabled namespace the server reports, or None."""
+def _exports(reply: dict) -> list[str]:
+    return [ns["export"] for ns in reply.get("result", []) if ns.get("export")]
+
+
+def _clients(control: str) -> int | None:
     from plugin.control import request
-    for _ in range(100):
-        try:
-            reply = request(control, {"op": "list"})
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
+    try:
+        return sum(ns.get("clients", 0) for ns in request(control, {"op": "list"}, 2)["result"])
+    except (OSError, ValueError, KeyError):
         return None
-    exports = [ns["export"] for ns in reply.get("result", []) if ns.get("export")]
-    return exports[0] if exports else None
 
 
 def _listen_args(args, var: str):
+    """(nbdkit options, URI text, address, default control path); SystemExit(64) when the
+    address is malformed."""
     if args.tcp is not None:
         host, _, port = args.tcp.rpartition(":")
         host = host or "localhost"
-        if not port.isdigit():
-            raise SystemExit(f"bttctl serve: --tcp {args.tcp}: the port must be a number")
-        return ["--ipaddr", host, "--port", port], f"nbd://{host}:{port}", (host, int(port))
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            _say(f"bttctl serve: --tcp {args.tcp}: the port must be a number from 1 to 65535")
+            raise SystemExit(64)
+        # One control socket per port: two TCP servers with regions in one directory must
+        # not fight over one path (bttctl finds it, see cli_namespace.default_control).
+        return (["--ipaddr", host, "--port", port], f"nbd://{host}:{port}", (host, int(port)),
+                os.path.join(var, f"nbd-{int(port)}.ctl"))
     sock = os.path.abspath(args.socket or os.path.join(var, "nbd.sock"))
-    return ["--unix", sock], sock, sock
+    return ["--unix", sock], sock, sock, os.path.splitext(sock)[0] + ".ctl"
 
 
-def _listening(path: str) -> bool:
-    """Is a server accepting on this Unix socket? (Unlinking a live socket would leave that
-    server running but unreachable.)"""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2)
+def _ready(control: str, proc, timeout=30.0) -> dict | None:
+    """The server's first `list` reply once it answers, or None if nbdkit exited (a busy
+    port, a refused region) or did not come up in time. The plugin starts the control
+    socket after nbdkit has bound its listening sockets, so an answer means nbdkit is
+    serving; a TCP connect could instead reach whoever else holds the port."""
+    from plugin.control import request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            s.connect(path)
-        except OSError:
-            return False
+            return request(control, {"op": "list"}, 2)
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return None
+
+
+def _check_locks(regions) -> str | None:
+    """Why a region cannot be served (another server holds its lock), or None: said here
+    in one line, before nbdkit starts."""
+    from plugin.namespaces import lock_region
+    for r in regions:
         try:
-            s.recv(18)  # take nbdkit's greeting, so that it does not log a broken pipe
-        except OSError:
-            pass
-        return True
-
-
-def _ready(where, proc, timeout=30.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if isinstance(where, str):
-            if os.path.exists(where):
-                return True
-        else:
-            try:
-                socket.create_connection(where, timeout=0.5).close()
-                return True
-            except OSError:
-                pass
-        time.sleep(0.05)
-    return False
+            os.close(lock_region(r))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def cmd_serve(args) -> int:
-    regions = [os.path.abspath(r) for r in (args.region or [DEFAULT_REGION])]
+    regions = [os.path.realpath(r) for r in (args.region or [DEFAULT_REGION])]
     if not args.region:
         _default_region(regions[0])
     for r in regions:
         if not os.path.isfile(r):
             _say(f"bttctl serve: {r}: no such file")
             return 64
+    if args.max_connections is not None and args.max_connections < 1:
+        _say("bttctl serve: --max-connections must be 1 or more")
+        return 64
     var = os.path.dirname(regions[0])
-    listen, where_text, where = _listen_args(args, var)
-    if isinstance(where, str) and os.path.exists(where):
-        if _listening(where):
-            _say(f"bttctl serve: a server is already listening on {where}")
-            return 1
-        os.unlink(where)  # a stale socket from an earlier run
-    control = os.path.abspath(args.control or (os.path.splitext(where)[0] + ".ctl"
-                                               if isinstance(where, str)
-                                               else os.path.join(var, "control.sock")))
+    listen, where_text, where, default_control = _listen_args(args, var)
+    control = os.path.abspath(args.control or default_control)
+    # Only a stale socket may be replaced: `--socket r.img` or `--control notes.txt`
+    # must not delete the file that is there (plugin/paths.py).
+    try:
+        if isinstance(where, str):
+            clear_socket_path(where, "NBD socket")
+        clear_socket_path(control, "control socket")
+    except OSError as e:
+        _say(f"bttctl serve: {e.strerror}")
+        return 1
+    locked = _check_locks(regions)
+    if locked:
+        _say(f"bttctl serve: {locked}")
+        return 1
     argv = ["nbdkit", "--foreground", *listen, *(["-r"] if args.readonly else []),
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
-            f"control={control}", *(["readonly=on"] if args.readonly else [])]
+            f"control={control}", *(["readonly=on"] if args.readonly else []),
+            *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
     proc = subprocess.Popen(argv, env=env)
-    stop = {"signal": None, "at": 0.0}
+    stop = {"signals": 0, "at": 0.0}
 
     def on_signal(signum, frame):
-        stop["signal"], stop["at"] = signum, time.time()
-        proc.send_signal(signal.SIGTERM)
+        stop["signals"] += 1
+        if stop["signals"] == 1:
+            stop["at"] = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if not _ready(where, proc):
-        rc = proc.wait() if proc.poll() is not None else (proc.kill() or proc.wait())
-        _say(f"bttctl serve: nbdkit did not start (exit {rc})")
+    reply = _ready(control, proc)
+    if reply is None:
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+        _say(f"bttctl serve: nbdkit did not start (exit {rc}); see its message above")
         return 1
-    export = _first_export(control)
-    if export is None:
+    # What nbdkit does not remove itself, or only on a clean exit: removed when we stop,
+    # if the paths still name the sockets this server bound.
+    owned = [(p, socket_ident(p)) for p in ([where] if isinstance(where, str) else []) + [control]]
+    try:
+        if stop["signals"] == 0:
+            _banner(args, regions, where, control, _exports(reply))
+        return _wait(proc, stop, control)
+    finally:
+        for path, ident in owned:
+            unlink_if_same(path, ident)
+
+
+def _banner(args, regions, where, control, exports) -> None:
+    if not exports:
         _say(f"bttctl serve: nothing to export yet; create a namespace with\n"
              f"  bttctl create-namespace --control {control} --size 256M --name db")
-        export = "namespace0.0"
+    export = exports[0] if exports else "namespace0.0"
     if isinstance(where, str):
         uri = f"nbd+unix:///{export}?socket={where}"
         qemu = (f"-blockdev driver=nbd,server.type=unix,server.path={where},export={export},"
@@ -184,17 +222,35 @@ control socket: {control}
   fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs=4k --size=256M
 
 Ctrl-C stops the server.""")
+
+
+def _wait(proc, stop, control) -> int:
+    """Runs until nbdkit exits. After Ctrl-C or SIGTERM nbdkit waits for connected clients;
+    say so, and after STOP_WAIT seconds (or a second Ctrl-C) kill it: the intent journal
+    keeps every acknowledged write across the SIGKILL."""
+    announced = False
     while True:
         try:
-            rc = proc.wait(timeout=0.5)
+            rc = proc.wait(timeout=0.2)
             break
         except subprocess.TimeoutExpired:
-            # nbdkit waits for connected clients; after 10 s stop it regardless (the intent
-            # journal keeps every acknowledged write across the SIGKILL).
-            if stop["signal"] is not None and time.time() - stop["at"] > 10:
-                _say("bttctl serve: clients still connected after 10 s; killing nbdkit")
-                proc.kill()
-    if stop["signal"] is not None:
+            pass
+        if not stop["signals"]:
+            continue
+        waited = time.monotonic() - stop["at"]
+        if not announced and waited > 0.5:
+            announced = True
+            n = _clients(control)
+            who = f"{n} client(s)" if n else "clients"
+            _say(f"bttctl serve: stopping; waiting up to {STOP_WAIT:g} s for {who} to "
+                 "disconnect (Ctrl-C again stops now)...")
+        if waited > STOP_WAIT or stop["signals"] > 1:
+            _say("bttctl serve: clients still connected; killing nbdkit (the intent journal "
+                 "keeps every acknowledged write)")
+            proc.kill()
+            rc = proc.wait()
+            break
+    if stop["signals"]:
         _say("bttctl serve: stopped")
         return 0
     return rc

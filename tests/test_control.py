@@ -39,7 +39,7 @@ class Counter:
 @pytest.fixture
 def server():
     d = private_socket_dir()
-    srv = ControlServer(os.path.join(d, "control.sock"), Counter(), idle_timeout=1.0)
+    srv = ControlServer(os.path.join(d, "control.sock"), Counter(), request_timeout=1.0)
     srv.start()
     yield srv
     srv.stop()
@@ -178,3 +178,81 @@ def test_a_live_socket_is_not_taken_over(server):
         assert request(stale, {"op": "get"})["ok"]
     finally:
         third.stop()
+
+
+@pytest.mark.parametrize("kind", ["regular file", "symbolic link", "directory"])
+def test_only_a_stale_socket_is_replaced(tmp_path, kind):
+    """Whatever is at the path but a socket is left exactly as it was, and start refuses
+    with one line naming the path and what is there."""
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"keep me\n")
+    path = tmp_path / "control.sock"
+    {"regular file": lambda: path.write_bytes(b"keep me too\n"),
+     "symbolic link": lambda: path.symlink_to(precious),
+     "directory": path.mkdir}[kind]()
+    srv = ControlServer(str(path), Counter())
+    with pytest.raises(OSError) as e:
+        srv.start()
+    assert e.value.errno == errno.EEXIST and kind in str(e.value) and str(path) in str(e.value)
+    assert os.path.lexists(path) and precious.read_bytes() == b"keep me\n"
+    if kind == "regular file":
+        assert path.read_bytes() == b"keep me too\n"
+
+
+def test_stop_removes_only_the_socket_it_bound(tmp_path):
+    path = tmp_path / "control.sock"
+    srv = ControlServer(str(path), Counter())
+    srv.start()
+    os.rename(path, tmp_path / "moved.sock")
+    path.write_bytes(b"someone else's\n")  # taken over while we ran
+    srv.stop()
+    assert path.read_bytes() == b"someone else's\n"
+    srv = ControlServer(str(tmp_path / "other.sock"), Counter())
+    srv.start()
+    srv.stop()
+    assert not (tmp_path / "other.sock").exists()
+
+
+def test_over_long_line_refused_even_with_its_newline(server):
+    """The limit holds whether or not the newline came in the same read."""
+    line = b'{"op": "get", "pad": "' + b"x" * (server.max_line + 10) + b'"}\n'
+    replies = raw(server.path, line)
+    assert replies and replies[0]["errno"] == "E2BIG"
+    assert request(server.path, {"op": "get"})["ok"]
+
+
+def test_a_trickling_client_is_cut_off_at_the_deadline(server):
+    """request_timeout (1 s here) is for the whole request: a byte every 0.3 s, which no
+    per-recv timeout would ever catch, is cut off after the deadline."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(server.path)
+    s.settimeout(0.05)
+    start = time.monotonic()
+    got = b""
+    try:
+        for b in b'{"op": "get", "pad": "' + b"x" * 100:
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                break
+            try:
+                got += s.recv(65536)
+            except socket.timeout:
+                pass
+            if got or time.monotonic() - start > 10:
+                break
+            time.sleep(0.3)
+        if not got:  # the server hung up before we read its reply
+            s.settimeout(2)
+            got = s.recv(65536)
+    finally:
+        s.close()
+    assert json.loads(got.splitlines()[0])["errno"] == "ETIMEDOUT"
+    assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize("payload", [b"[" * 60000, b'{"a":' * 12000, b"[" * 2000 + b"]" * 2000])
+def test_deep_nesting_gets_a_json_error(server, payload):
+    replies = raw(server.path, payload + b"\n")
+    assert replies and replies[0]["errno"] == "EINVAL" and "JSON" in replies[0]["error"]
+    assert request(server.path, {"op": "get"})["ok"]

@@ -168,3 +168,16 @@ def test_socket_abuse_leaves_server_and_state_intact(served):
     h.pwrite(pattern(9, 1, 4096), 4096)
     assert h.pread(4096, 4096) == pattern(9, 1, 4096)
     h.shutdown()
+
+
+def test_nested_json_line_is_answered_not_a_traceback(served):
+    import socket
+    s, ctl, region = served
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(ctl)
+        c.sendall(b"[" * 60000 + b"\n")  # within the 64 KiB line limit
+        reply = json.loads(c.makefile("rb").readline())
+    assert reply["errno"] == "EINVAL" and "nested too deeply" in reply["error"]
+    assert json.loads(bttctl("list", "--control", ctl).stdout)[0]["dev"] == "namespace0.0"
+    assert "Traceback" not in s.output() and "RecursionError" not in s.output()

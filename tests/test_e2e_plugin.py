@@ -247,3 +247,26 @@ def test_readonly_on_writes_nothing(tmp_path, sector_region):
         assert h.pread(4096, 5 * 4096) == pattern(4, 5, 4096)
         h.shutdown()
     assert digest(sector_region) != before[0]
+
+
+def test_expected_refusals_are_one_line(tmp_path, sector_region):
+    """A second server on a locked region, a control path that is not a socket and an
+    unknown export name are ordinary events: one line each in the log, no traceback."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    err = nbdkit_fails(tmp_path, f"control={precious}", regions=[sector_region])
+    assert f"control socket path {precious} is a regular file" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert precious.read_text() == "keep me\n"
+    first = tmp_path / "a"
+    first.mkdir()
+    with Server(first, [sector_region]) as s:
+        err = nbdkit_fails(tmp_path, regions=[sector_region])
+        assert "locked by another server" in err and sector_region in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        with pytest.raises(nbd.Error):
+            connect(s, export="nosuch")
+        h = connect(s)
+        h.shutdown()
+    log = s.output()
+    assert "no export named 'nosuch'; exports: namespace0.0" in log and "Traceback" not in log

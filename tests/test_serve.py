@@ -1,4 +1,5 @@
 """`bttctl serve` end to end: default region, URI, nbdinfo, Ctrl-C; TCP on localhost."""
+import json
 import os
 import signal
 import socket
@@ -113,3 +114,185 @@ def test_second_serve_leaves_the_running_one_alone(tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(20) == 0
+
+
+def _serve_fails(cwd, *args):
+    p = subprocess.run([*BTTCTL, "serve", *args], cwd=cwd, env=dict(ENV, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and p.stdout == "", (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and "serving" not in p.stderr
+    return p.stderr
+
+
+@pytest.fixture
+def region(tmp_path):
+    from btt_core import Btt
+    path = tmp_path / "r.img"
+    Btt.create(str(path), size=64 << 20).close()
+    return path
+
+
+def test_socket_path_over_the_region_is_refused(tmp_path, region):
+    """`--socket r.img` must not delete the region to bind a socket there."""
+    before = region.read_bytes()
+    err = _serve_fails(tmp_path, "--region", str(region), "--socket", str(region))
+    assert f"NBD socket path {region} is a regular file; refusing" in err
+    assert len(err.strip().splitlines()) == 1 and region.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["regular file", "symbolic link", "directory"])
+def test_control_path_must_be_free_or_a_stale_socket(tmp_path, region, kind):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    path = {"regular file": precious, "symbolic link": tmp_path / "link.ctl",
+            "directory": tmp_path / "dir.ctl"}[kind]
+    if kind == "symbolic link":
+        path.symlink_to(precious)
+    elif kind == "directory":
+        path.mkdir()
+    err = _serve_fails(tmp_path, "--region", str(region), "--control", str(path))
+    assert f"control socket path {path} is a {kind}" in err or f"is {kind}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert os.path.lexists(path) and precious.read_text() == "keep me\n"
+    assert not (tmp_path / "r.sock").exists() and not os.path.exists(str(region) + ".journal")
+
+
+def test_a_stale_socket_is_replaced(tmp_path, region):
+    stale = tmp_path / "s.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # left by a killed server: nobody answers
+    p, uri = start_serve(tmp_path, "--region", str(region), "--socket", str(stale))
+    try:
+        assert uri.endswith(f"socket={stale}")
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+
+
+def _bttctl(cwd, *args):
+    return subprocess.run([*BTTCTL, *args], cwd=cwd, env=dict(ENV, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=60)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tcp", ["127.0.0.1:99999", "0", "localhost:http", "127.0.0.1:"])
+def test_bad_ports_are_usage_errors(tmp_path, region, tcp):
+    p = subprocess.run([*BTTCTL, "serve", "--region", str(region), "--tcp", tcp],
+                       cwd=tmp_path, env=dict(ENV, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 64 and p.stdout == ""
+    assert f"--tcp {tcp}: the port must be a number from 1 to 65535" in p.stderr
+
+
+def test_busy_port_is_a_failed_start(tmp_path, region):
+    """Before, the banner was printed although nbdkit had failed: the readiness probe
+    connected to whoever held the port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        err = _serve_fails(tmp_path, "--region", str(region), "--tcp", f"127.0.0.1:{port}")
+    assert "nbdkit did not start" in err and "Ctrl-C" not in err
+    assert not (tmp_path / f"nbd-{port}.ctl").exists()
+
+
+def test_two_tcp_servers_in_one_directory(tmp_path):
+    """Each gets its own control socket, var/nbd-PORT.ctl; bttctl finds the only one
+    without --control, and asks for --control when there are several."""
+    from btt_core import Btt
+    var = tmp_path / "var"
+    var.mkdir()
+    for name in ("a.img", "b.img"):
+        Btt.create(str(var / name), size=64 << 20).close()
+    ports = [_free_port(), _free_port()]
+    servers = []
+    try:
+        for name, port in zip(("a.img", "b.img"), ports):
+            servers.append(start_serve(tmp_path, "--region", str(var / name), "--tcp",
+                                       f"127.0.0.1:{port}")[0])
+        for port in ports:
+            assert (var / f"nbd-{port}.ctl").is_socket()
+        p = _bttctl(tmp_path, "list")
+        assert p.returncode == 64 and "several servers' control sockets" in p.stderr
+        assert "Traceback" not in p.stderr
+        servers[0].send_signal(signal.SIGINT)
+        assert servers[0].wait(20) == 0
+        assert not (var / f"nbd-{ports[0]}.ctl").exists()
+        p = _bttctl(tmp_path, "list")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)[0]["path"] == str(var / "b.img")
+    finally:
+        for s in servers:
+            if s.poll() is None:
+                s.send_signal(signal.SIGINT)
+                s.wait(20)
+
+
+def _read_until(stream, text, timeout=15):
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while text not in seen and time.monotonic() < deadline:
+        seen += stream.readline()
+    return seen
+
+
+@pytest.mark.parametrize("sig,again", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_stopping_with_a_client_connected(tmp_path, sig, again):
+    """The wait is announced; then (at once after a second Ctrl-C, or after 10 s) nbdkit is
+    stopped and neither socket is left behind; bttctl then says no server runs."""
+    import nbd
+    p, uri = start_serve(tmp_path)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    _read_until(p.stderr, "Ctrl-C stops the server.")
+    start = time.monotonic()
+    p.send_signal(sig)
+    seen = _read_until(p.stderr, "to disconnect")
+    assert "waiting up to 10 s for 1 client(s) to disconnect" in seen
+    if again:
+        p.send_signal(signal.SIGINT)
+    assert p.wait(30) == 0
+    assert (time.monotonic() - start < 5) if again else (time.monotonic() - start >= 10)
+    assert "killing nbdkit" in p.stderr.read()
+    del h
+    assert not (tmp_path / "var" / "nbd.ctl").exists()
+    assert not (tmp_path / "var" / "nbd.sock").exists()
+    err = _bttctl(tmp_path, "list").stderr
+    assert "no control socket at var/nbd.ctl" in err
+
+
+def test_a_stale_control_socket_is_explained(tmp_path):
+    (tmp_path / "var").mkdir()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "var" / "nbd.ctl"))
+    s.close()
+    p = _bttctl(tmp_path, "list")
+    assert p.returncode == 64
+    assert "no server is running on var/nbd.ctl (a stale socket" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_locked_region_is_one_line(tmp_path, region):
+    p, uri = start_serve(tmp_path, "--region", str(region))
+    try:
+        err = _serve_fails(tmp_path, "--region", str(region), "--socket",
+                           str(tmp_path / "other.sock"))
+        assert f"{region} is locked by another server" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+
+
+def test_serve_help_explains_every_option():
+    out = subprocess.run([*BTTCTL, "serve", "--help"], env=dict(ENV, PYTHONPATH=ROOT),
+                         capture_output=True, text=True).stdout
+    out = " ".join(out.split())
+    assert "intent journal" in out and "every acknowledged write is durable" in out
+    assert "nbdkit thread model" in out and "--max-connections N" in out
