@@ -1,7 +1,8 @@
 """Builds btt_core._btt_cffi, the C engine's Python binding (cffi API mode, out of line).
 
 The C sources stay real .c/.h files under btt_core/; Python sees exactly what btt.h
-declares. Set BTT_SANITIZE=1 to build with AddressSanitizer and UBSan (the fuzz tests do).
+declares. Set BTT_SANITIZE=1 (or =address) to build with AddressSanitizer and UBSan (the fuzz
+tests do), BTT_SANITIZE=thread for ThreadSanitizer (the concurrency tests do).
 """
 import os
 
@@ -36,7 +37,11 @@ ffibuilder.cdef(public_api() + CALLBACKS)
 
 _flags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"]
 _link = ["-pthread"]
-if os.environ.get("BTT_SANITIZE"):
+_sanitize = os.environ.get("BTT_SANITIZE")
+if _sanitize == "thread":
+    _flags += ["-fsanitize=thread", "-fno-omit-frame-pointer", "-O1"]
+    _link += ["-fsanitize=thread"]
+elif _sanitize:
     _flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                "-fno-omit-frame-pointer", "-O1"]
     _link += ["-fsanitize=address,undefined"]

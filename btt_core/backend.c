@@ -253,6 +253,7 @@ struct mem_io {
 	struct mem_page **pages; /* NULL = all zeros */
 	int recording;
 	int fail_sync;
+	unsigned sync_delay_us; /* a sync that takes time, as a disk's does */
 	struct mem_record *recs;
 	size_t nrecs, caprecs;
 };
@@ -397,6 +398,11 @@ static int mem_sync(struct btt_io *io)
 	else
 		rc = mem_record(m, BTT_REC_SYNC, NULL, 0, 0);
 	pthread_mutex_unlock(&m->lock);
+	/* The barrier is recorded where it starts, and covers only what was written before
+	 * it; the writes other threads issue while it "runs" count as after it, which is the
+	 * conservative reading of a real fdatasync racing with writes. */
+	if (!rc && m->sync_delay_us)
+		usleep(m->sync_delay_us);
 	return rc;
 }
 
@@ -587,6 +593,15 @@ int btt_mem_fail_sync(struct btt_io *io, int err)
 	if (!m)
 		return -EINVAL;
 	m->fail_sync = err;
+	return 0;
+}
+
+int btt_mem_set_sync_delay(struct btt_io *io, unsigned usec)
+{
+	struct mem_io *m = as_mem(io);
+	if (!m)
+		return -EINVAL;
+	m->sync_delay_us = usec;
 	return 0;
 }
 

@@ -664,7 +664,7 @@ static int map_cached_locked(struct btt *b, struct arena *a, struct map_page *s,
 	if (map_page_is_hole(a, page)) {
 		memset(s->words, 0, (size_t)n * 4);
 	} else {
-		b->stats.map_reads++;
+		STAT_ADD(b, map_reads, 1);
 		rc = b->io->ops->read(b->io, s->words, (size_t)n * 4, map_off(a, first));
 		if (rc)
 			return rc;
@@ -694,7 +694,7 @@ static int map_get(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, 
 		} else if (!rc && map_page_is_hole(a, page)) {
 			memset(out, 0, (size_t)k * 4);
 		} else if (!rc) {
-			b->stats.map_reads++;
+			STAT_ADD(b, map_reads, 1);
 			rc = b->io->ops->read(b->io, out, (size_t)k * 4, map_off(a, premap));
 		}
 		pthread_mutex_unlock(&s->lock);
@@ -899,7 +899,7 @@ static int barrier(struct btt *b)
 {
 	if (b->durability == BTT_DUR_NONE)
 		return 0;
-	b->stats.syncs++;
+	STAT_ADD(b, syncs, 1);
 	return b->io->ops->sync(b->io);
 }
 
@@ -937,7 +937,7 @@ static int lane_load(struct btt *b, struct arena *a, int aidx, uint32_t i)
 	if (rc)
 		return rc;
 	if (map_resolve(entry, n->lba) == old) {
-		b->stats.redo_applied++;
+		STAT_ADD(b, redo_applied, 1);
 		if (b->readonly) {
 			stage_insert(a, b->cur, n->lba, 0, BTT_MAP_NORMAL | new);
 			atomic_fetch_add(&a->nvisible[b->cur], 1);
@@ -1180,7 +1180,7 @@ static int journal_replay(struct btt *b)
 	}
 	free(sector);
 	if (replayed > 0)
-		b->stats.journal_replayed += (uint64_t)replayed;
+		STAT_ADD(b, journal_replayed, (uint64_t)replayed);
 	b->epoch = oldest + 2; /* entries replayed now are committed before any new epoch */
 	return replayed;
 }
@@ -1349,7 +1349,7 @@ static int write_sector(struct btt *b, struct arena *a, uint32_t premap, const u
 			 journal_append(b, (uint32_t)(a - b->arenas), lane, premap, block, seq, crc))
 			rc = commit_locked(b, b->epoch); /* no journal protection: commit it instead */
 		if (!rc) {
-			b->stats.writes++;
+			STAT_ADD(b, writes, 1);
 			if (a->nfilling == a->lay.nfree / 2 && b->durability == BTT_DUR_GROUP) {
 				b->kick = true; /* to the committer, if one runs */
 				pthread_cond_signal(&b->tcond);
@@ -1569,7 +1569,7 @@ static int commit_end(struct btt *b, int rc)
 	b->ncstaged = 0;
 	for (int ai = 0; ai < b->narenas; ai++)
 		stage_reset(&b->arenas[ai], b->cur ^ 1);
-	b->stats.commits++;
+	STAT_ADD(b, commits, 1);
 	if (b->journal && journal_write_header(b, b->epoch)) {
 		b->failed = -EIO;
 		return seterr(EIO, "journal header write failed: %s", btt_errmsg());
@@ -1788,7 +1788,7 @@ static int span_copy(struct btt *b, struct arena *a, struct read_span *s)
 
 	if (!s->count)
 		return 0;
-	b->stats.data_reads++;
+	STAT_ADD(b, data_reads, 1);
 	rc = b->io->ops->read(b->io, s->dst, (size_t)s->count * a->sector_size,
 			      block_off(a, s->first));
 	atomic_store(&a->rtt[s->slot], RTT_PENDING);
@@ -1853,7 +1853,7 @@ static int read_run(struct btt *b, struct arena *a, uint32_t premap, uint32_t n,
 		rc = span_copy(b, a, &span); /* the span ends here */
 		if (zero_flag || hole) {
 			memset(dst, 0, a->sector_size);
-			b->stats.hole_reads += hole;
+			STAT_ADD(b, hole_reads, hole);
 		} else {
 			struct read_span started = next;
 			next = span, span = started; /* the slot just published holds the new span */
@@ -2168,9 +2168,14 @@ int btt_flog_scheme(struct btt *b, int i, int *idx0, int *idx1)
 
 void btt_get_stats(struct btt *b, struct btt_stats *s)
 {
-	pthread_mutex_lock(&b->elock);
-	*s = b->stats;
-	pthread_mutex_unlock(&b->elock);
+	s->writes = __atomic_load_n(&b->stats.writes, __ATOMIC_RELAXED);
+	s->commits = __atomic_load_n(&b->stats.commits, __ATOMIC_RELAXED);
+	s->syncs = __atomic_load_n(&b->stats.syncs, __ATOMIC_RELAXED);
+	s->journal_replayed = __atomic_load_n(&b->stats.journal_replayed, __ATOMIC_RELAXED);
+	s->redo_applied = __atomic_load_n(&b->stats.redo_applied, __ATOMIC_RELAXED);
+	s->map_reads = __atomic_load_n(&b->stats.map_reads, __ATOMIC_RELAXED);
+	s->hole_reads = __atomic_load_n(&b->stats.hole_reads, __ATOMIC_RELAXED);
+	s->data_reads = __atomic_load_n(&b->stats.data_reads, __ATOMIC_RELAXED);
 }
 
 struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block)

@@ -76,6 +76,9 @@ void btt_mem_record_clear(struct btt_io *mem);
 int btt_mem_poke(struct btt_io *mem, const void *buf, size_t len, uint64_t off);
 /* Test hook: a sync that fails with this errno (0 = off), to model fdatasync errors. */
 int btt_mem_fail_sync(struct btt_io *mem, int err);
+/* Test hook: every sync sleeps this long after it is recorded, so that threads run into
+ * each other's commits as they do on a disk. */
+int btt_mem_set_sync_delay(struct btt_io *mem, unsigned usec);
 
 /* ---- on-media constants (btt-format.md §1) ------------------------------------ */
 
@@ -208,8 +211,8 @@ struct btt_stats {
 	uint64_t syncs;         /* barriers issued to the backend */
 	uint64_t journal_replayed;
 	uint64_t redo_applied;
-	uint64_t map_reads;     /* map reads from the media (cache misses; approximate) */
-	uint64_t hole_reads;    /* sectors read as zeros from a hole, unread (approximate) */
+	uint64_t map_reads;     /* map reads from the media (cache misses) */
+	uint64_t hole_reads;    /* sectors read as zeros from a hole, unread */
 	uint64_t data_reads;    /* preads of data blocks: one per span of consecutive blocks */
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);

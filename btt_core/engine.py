@@ -116,6 +116,10 @@ class Io:
     def fail_sync(self, err: int) -> None:
         _check(lib.btt_mem_fail_sync(self._ptr, err))
 
+    def set_sync_delay(self, usec: int) -> None:
+        """Memory images: every sync takes usec, as a disk's would (concurrency tests)."""
+        _check(lib.btt_mem_set_sync_delay(self._ptr, usec))
+
     def records(self):
         """[(clock, "write", offset, bytes) | (clock, "sync", 0, b"")] in issue order; the
         clock is shared by all memory images. The records are cleared."""

@@ -19,6 +19,7 @@ referenced exactly once by the map plus the free lists.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
 
 from btt_core import Btt, BttError, Io, check_io
@@ -70,8 +71,14 @@ class Recording:
 
 
 def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None = None,
-           mutation: int = 0) -> Recording:
-    """Runs ops once, recording; the handle is then abandoned as a crash would leave it."""
+           mutation: int = 0, threads: list[int] | None = None) -> Recording:
+    """Runs ops once, recording; the handle is then abandoned as a crash would leave it.
+
+    With `threads` (one thread number per op), each thread runs its own ops in order, all
+    threads at once: the engine's C code runs truly in parallel (cffi releases the GIL), and
+    the recording's shared clock orders what they wrote. The model needs each LBA to be
+    written by one thread only (the caller's ops must keep to that); lanes, epochs, commits
+    and the journal are shared."""
     io = Io.memory(geo.size)
     Btt.format_io(io, size=geo.size, sector_size=geo.lbasize, version=geo.version,
                   arena_max=geo.arena_max)
@@ -94,41 +101,18 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     journal = Io.memory(1 << 20)
     b = Btt.open_io(io, durability=durability, journal=journal)
     pre_io, pre_journal = io.clone(), journal.clone()
+    if threads is not None:
+        io.set_sync_delay(200)  # commits take time: other threads write into them
     io.set_recording(True)
     journal.set_recording(True)
     versions = {lba: [(-1, content)] for lba, content in initial.items()}
     lib.btt_test_mutation = mutation
     try:
-        for i, op in enumerate(ops):
-            op.start = Io.clock()
-            if op.kind in ("write", "zero"):
-                if op.kind == "write":
-                    data = b"".join(_content(i, op.lba + k, ss) for k in range(op.n))
-                else:
-                    data = bytes(op.n * ss)
-                for k in range(op.n):
-                    versions[op.lba + k].append((i, data[k * ss:(k + 1) * ss]))
-                try:
-                    if op.kind == "write":
-                        b.write(op.lba, data, fua=op.fua)
-                    else:
-                        b.set_zero(op.lba, op.n, fua=op.fua)
-                except BttError as e:
-                    op.error = str(e)
-            elif op.kind == "step":
-                # The committer's commit, one step at a time: the writes that follow are
-                # staged in the next epoch while it is open (a write that must wait for
-                # it runs the remaining steps).
-                try:
-                    b.commit_step()
-                except BttError as e:
-                    op.error = str(e)
-            else:
-                try:
-                    b.flush()
-                except BttError as e:
-                    op.error = str(e)
-            op.end = Io.clock()
+        if threads is None:
+            for i, op in enumerate(ops):
+                _run(b, i, op, versions, ss)
+        else:
+            _run_in_threads(b, ops, threads, versions, ss)
     finally:
         lib.btt_test_mutation = 0
     b.abandon()
@@ -139,6 +123,51 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     io.close()
     journal.close()
     return Recording(geo, durability, pre_io, pre_journal, ops, recs, end, ss, versions, mutation)
+
+
+def _run(b: Btt, i: int, op: Op, versions: dict, ss: int) -> None:
+    """Runs ops[i] and notes its clock span and the versions it may leave."""
+    op.start = Io.clock()
+    try:
+        if op.kind in ("write", "zero"):
+            if op.kind == "write":
+                data = b"".join(_content(i, op.lba + k, ss) for k in range(op.n))
+            else:
+                data = bytes(op.n * ss)
+            for k in range(op.n):
+                versions[op.lba + k].append((i, data[k * ss:(k + 1) * ss]))
+            if op.kind == "write":
+                b.write(op.lba, data, fua=op.fua)
+            else:
+                b.set_zero(op.lba, op.n, fua=op.fua)
+        elif op.kind == "step":
+            # The committer's commit, one step at a time: the writes that follow are
+            # staged in the next epoch while it is open (a write that must wait for it
+            # runs the remaining steps).
+            b.commit_step()
+        else:
+            b.flush()
+    except BttError as e:
+        op.error = str(e)
+    op.end = Io.clock()
+
+
+def _run_in_threads(b: Btt, ops: list[Op], threads: list[int], versions: dict, ss: int) -> None:
+    mine: dict[int, list[int]] = {}
+    for i, t in enumerate(threads):
+        mine.setdefault(t, []).append(i)
+    go = threading.Barrier(len(mine))
+
+    def worker(indices):
+        go.wait()
+        for i in indices:
+            _run(b, i, ops[i], versions, ss)
+
+    workers = [threading.Thread(target=worker, args=(ix,)) for ix in mine.values()]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
 
 
 def _content(op_index: int, lba: int, size: int) -> bytes:
