@@ -18,7 +18,7 @@ import nbdkit
 from plugin.backends import MAX_REQUEST
 from plugin.namespaces import Registry, lock_region
 from plugin.paths import clear_socket_path
-from plugin.pythread import ConnectionThreads, keep_thread_state
+from plugin.pythread import DEFAULT_THREAD_MODEL, ConnectionThreads, keep_thread_state
 
 API_VERSION = 2
 
@@ -32,7 +32,7 @@ THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
                  "parallel": nbdkit.THREAD_MODEL_PARALLEL}
 settings = {"regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
-            "threadmodel": "serialize_all", "commit-ms": "50", "control": None,
+            "threadmodel": DEFAULT_THREAD_MODEL, "commit-ms": "50", "control": None,
             "max-connections": None}
 registry = Registry(settings)
 control_server = None

@@ -14,6 +14,7 @@ import sys
 import time
 
 from plugin.paths import clear_socket_path, socket_ident, unlink_if_same
+from plugin.pythread import DEFAULT_THREAD_MODEL, DEFAULT_WORKERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "plugin", "nbdkit_btt.py")
@@ -39,10 +40,15 @@ def register(subparsers) -> None:
     p.add_argument("--zero-flag", choices=["on", "off"], default="off",
                    help="serve TRIM and fast zeroing through the BTT map's Z flag (see docs)")
     p.add_argument("--threadmodel", choices=["serialize_all", "serialize_requests", "parallel"],
-                   default="serialize_all",
-                   help="nbdkit thread model (default serialize_all, the fastest measured on "
-                   "fast storage; parallel can pay with --durability strict on slow disks). "
+                   default=DEFAULT_THREAD_MODEL,
+                   help=f"nbdkit thread model (default {DEFAULT_THREAD_MODEL}: every "
+                   "connection and namespace is served at once, so one tenant's flushes "
+                   "never stall another; parallel also overlaps one connection's requests, "
+                   "but a client that drops its connection mid-request aborts nbdkit 1.32). "
                    "See docs/serving.md")
+    p.add_argument("--threads", type=int, default=DEFAULT_WORKERS, metavar="N",
+                   help=f"worker threads per connection under --threadmodel parallel "
+                   f"(default {DEFAULT_WORKERS}: measured best on 2 cores)")
     p.add_argument("--readonly", action="store_true", help="export read-only (nbdkit -r): nothing is written to the region files")
     p.add_argument("--control", help="control socket path (default: beside the NBD socket; "
                    "with --tcp, nbd-PORT.ctl beside the first region)")
@@ -141,6 +147,9 @@ def cmd_serve(args) -> int:
     if args.max_connections is not None and args.max_connections < 1:
         _say("bttctl serve: --max-connections must be 1 or more")
         return 64
+    if not 1 <= args.threads <= 256:
+        _say("bttctl serve: --threads must be 1..256")
+        return 64
     var = os.path.dirname(regions[0])
     listen, where_text, where, default_control = _listen_args(args, var)
     control = os.path.abspath(args.control or default_control)
@@ -157,7 +166,8 @@ def cmd_serve(args) -> int:
     if locked:
         _say(f"bttctl serve: {locked}")
         return 1
-    argv = ["nbdkit", "--foreground", *listen, *(["-r"] if args.readonly else []),
+    threads = ["--threads", str(args.threads)] if args.threadmodel == "parallel" else []
+    argv = ["nbdkit", "--foreground", *listen, *threads, *(["-r"] if args.readonly else []),
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",

@@ -59,7 +59,8 @@ def soft_nofile(pid):
 
 
 def test_low_descriptor_limit_degrades_into_refusals(tmp_path, region):
-    """100 descriptors leave room for 100 - 64 = 36 connections. Before the cap, the 100
+    """100 descriptors leave room for 100 - 64 = 36 connections (one descriptor each under
+    the serialized models, the default; parallel is below). Before the cap, the 100
     attempts ran nbdkit out of descriptors: accept() failed in a busy loop and clients hung
     in the handshake. Now: 36 connections, 64 prompt refusals, an idle server, and the
     connections it took keep working."""

@@ -296,3 +296,39 @@ def test_serve_help_explains_every_option():
     out = " ".join(out.split())
     assert "intent journal" in out and "every acknowledged write is durable" in out
     assert "nbdkit thread model" in out and "--max-connections N" in out
+
+
+def _nbdkit_argv(serve_pid: int) -> list[str]:
+    children = subprocess.run(["ps", "--ppid", str(serve_pid), "-o", "pid="],
+                              capture_output=True, text=True).stdout.split()
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode() for a in f.read().split(b"\0") if a]
+        if argv and argv[0].endswith("nbdkit"):
+            return argv
+    raise AssertionError("no nbdkit child")
+
+
+def test_connections_are_served_at_once_by_default(tmp_path, region):
+    """Issue 13: connections are served at once by default (serialize_requests); under
+    --threadmodel parallel, nbdkit gets 4 worker threads per connection or --threads N."""
+    for extra, model, threads in (((), "serialize_requests", None),
+                                  (("--threadmodel", "parallel"), "parallel", "4"),
+                                  (("--threadmodel", "parallel", "--threads", "8"), "parallel",
+                                   "8")):
+        p, _ = start_serve(tmp_path, "--region", str(region), *extra)
+        try:
+            argv = _nbdkit_argv(p.pid)
+            assert f"threadmodel={model}" in argv
+            assert (argv[argv.index("--threads") + 1] if "--threads" in argv else None) == threads
+        finally:
+            p.send_signal(signal.SIGINT)
+            assert p.wait(20) == 0
+
+
+@pytest.mark.parametrize("threads", ["0", "257"])
+def test_threads_out_of_range_is_a_usage_error(tmp_path, region, threads):
+    p = subprocess.run([*BTTCTL, "serve", "--region", str(region), "--threads", threads],
+                       cwd=tmp_path, env=dict(ENV, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 64 and "--threads must be 1..256" in p.stderr

@@ -15,8 +15,13 @@ page out file pages idle for about a minute (DAMON reclaim), so without that the
 measured late in a run read a colder file than the early ones, and a disk-backed BTT,
 measured after four other servers, was mostly read from the disk.
 
+Our servers run as `bttctl serve` starts them (the default thread model, serialize_requests:
+every connection at once); `ours-btt-none-serialize_all` is the model before issue 13. A noisy-neighbour
+run (two namespaces of one server, one reading, one writing with fsync) closes the run.
+
 Usage: tools/bench.py [--runtime S] [--repeat N] [--rounds N] [--quick] [--only SERVER,...]
-                      [--jobs JOB,...] [--no-tmpfs] [--no-disk] [--no-scale] [--plugin PATH]
+                      [--jobs JOB,...] [--no-tmpfs] [--no-disk] [--no-scale] [--no-neighbour]
+                      [--plugin PATH]
 """
 from __future__ import annotations
 
@@ -46,12 +51,14 @@ JOBS = {
     "read 128k QD4": dict(rw="read", bs="128k", iodepth=4),
     "write 128k QD4": dict(rw="write", bs="128k", iodepth=4),
     "randread 4k QD16 2conn": dict(rw="randread", bs="4k", iodepth=16, numjobs=2),
+    "randread 4k QD8 4conn": dict(rw="randread", bs="4k", iodepth=8, numjobs=4),
 }
 
 
 def servers(raw: str, btt: str, sock: str, threadmodel: str,
             plugin: str = PLUGIN) -> dict[str, list[str]]:
     nbdkit = ["nbdkit", "--foreground", "--unix", sock]
+    ours = nbdkit  # the plugin's default thread model, as `bttctl serve` starts it
     return {
         "nbdkit-file": nbdkit + ["file", raw],
         "python-passthrough": nbdkit + ["python", PASSTHROUGH, f"file={raw}",
@@ -61,10 +68,13 @@ def servers(raw: str, btt: str, sock: str, threadmodel: str,
                                                     "keep-thread-state=on"],
         "qemu-nbd": ["qemu-nbd", "--socket", sock, "--format", "raw", "--persistent",
                      "--shared", "8", "--cache", "writeback", raw],
-        "ours-raw": nbdkit + ["python", plugin, f"region={raw}"],
-        "ours-btt-none": nbdkit + ["python", plugin, f"region={btt}", "durability=none"],
-        "ours-btt-group": nbdkit + ["python", plugin, f"region={btt}", "durability=group"],
-        "ours-btt-strict": nbdkit + ["python", plugin, f"region={btt}", "durability=strict"],
+        "ours-raw": ours + ["python", plugin, f"region={raw}"],
+        "ours-btt-none": ours + ["python", plugin, f"region={btt}", "durability=none"],
+        # The thread model before issue 13, for its no-regression target.
+        "ours-btt-none-serialize_all": nbdkit + ["python", plugin, f"region={btt}",
+                                                 "durability=none", "threadmodel=serialize_all"],
+        "ours-btt-group": ours + ["python", plugin, f"region={btt}", "durability=group"],
+        "ours-btt-strict": ours + ["python", plugin, f"region={btt}", "durability=strict"],
     }
 
 
@@ -194,6 +204,88 @@ def run_matrix(where: str, dirpath: str, args) -> dict:
     return results
 
 
+NEIGHBOUR_SIZE = 512 << 20
+
+
+def _fio_one(uri: str, rw: str, iodepth: int, runtime: float, out: str, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+         f"--iodepth={iodepth}", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
+         f"--size={NEIGHBOUR_SIZE * 3 // 4}", "--output-format=json", f"--output={out}",
+         *extra], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _iops(out: str) -> float:
+    with open(out) as f:
+        j = json.load(f)["jobs"][0]
+    return j["read"]["iops"] + j["write"]["iops"]
+
+
+def neighbour(args) -> dict:
+    """Issue 13's noisy neighbour, backing files on disk: namespace `a` is read (4k random,
+    QD4) alone, then again while namespace `b` of the same server does 4k random writes at
+    QD1 with an fsync after each. Ours (a labelled region holding both, served as `bttctl
+    serve` does, and under serialize_all, the model before issue 13) against nbdkit's file
+    plugin serving two files: the ratio busy/alone, and the neighbour's own IOPS."""
+    bttctl = os.path.join(ROOT, ".venv", "bin", "bttctl")
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
+        region, sock = os.path.join(d, "region.img"), os.path.join(d, "s.sock")
+        subprocess.run([bttctl, "create-region", region, "-s", "1100M"], env=ENV, check=True,
+                       capture_output=True)
+        for name in ("a", "b"):
+            subprocess.run([bttctl, "create-namespace", "--region", region, "-m", "sector",
+                            "-s", "512M", "-n", name], env=ENV, check=True, capture_output=True)
+        files = os.path.join(d, "files")
+        os.mkdir(files)
+        block = os.urandom(1 << 20)
+        for name in ("a.img", "b.img"):
+            with open(os.path.join(files, name), "wb") as f:
+                for _ in range(NEIGHBOUR_SIZE >> 20):
+                    f.write(block)
+        nbdkit = ["nbdkit", "--foreground", "--unix", sock]
+        configs = {
+            "ours": (nbdkit + ["python", args.plugin, f"region={region}"],
+                     "a", "b", region),
+            "ours-serialize_all": (nbdkit + ["python", args.plugin, f"region={region}",
+                                             "threadmodel=serialize_all"], "a", "b", region),
+            "nbdkit-file": (nbdkit + ["file", f"dir={files}"], "a.img", "b.img",
+                            os.path.join(files, "a.img")),
+        }
+        filled = False
+        for rnd in range(args.rounds):
+            for name, (argv, a, b, warm_path) in configs.items():
+                p = start(argv, sock)
+                try:
+                    if name == "ours" and not filled:  # a is read: give it data, not holes
+                        subprocess.run(["fio", "--name=fill", "--ioengine=nbd",
+                                        f"--uri=nbd+unix:///a?socket={sock}", "--rw=write",
+                                        "--bs=1M", "--iodepth=4",
+                                        f"--size={NEIGHBOUR_SIZE * 3 // 4}"],
+                                       env=ENV, check=True, capture_output=True)
+                        filled = True
+                    warm(warm_path)
+                    uri = f"nbd+unix:///{{}}?socket={sock}"
+                    alone = os.path.join(d, "alone.json")
+                    _fio_one(uri.format(a), "randread", 4, args.runtime, alone).wait()
+                    busy, nb = os.path.join(d, "busy.json"), os.path.join(d, "nb.json")
+                    noisy = _fio_one(uri.format(b), "randwrite", 1, args.runtime + 2, nb,
+                                     "--fsync=1")
+                    time.sleep(0.5)
+                    _fio_one(uri.format(a), "randread", 4, args.runtime, busy).wait()
+                    noisy.wait()
+                    r = {"a_alone": _iops(alone), "a_with_neighbour": _iops(busy),
+                         "neighbour": _iops(nb)}
+                    r["ratio"] = r["a_with_neighbour"] / r["a_alone"]
+                    runs.setdefault(name, []).append(r)
+                    print(f"  [neighbour {rnd + 1}/{args.rounds}] {name:20} "
+                          f"{ {k: round(v, 2) for k, v in r.items()} }", file=sys.stderr)
+                finally:
+                    stop(p)
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
+            for name, rs in runs.items()}
+
+
 def scale(args) -> dict:
     """1 TiB vs 1 GiB BTT namespaces through NBD: start-up, server RSS, 4k random reads.
     The two sizes alternate over --rounds (medians): single 5 s runs here wander by ±15%."""
@@ -237,7 +329,8 @@ def ratio(results, server, ref, job, key="iops"):
         return None
 
 
-def markdown(all_results: dict, scale_res: dict | None, args) -> str:
+def markdown(all_results: dict, scale_res: dict | None, args,
+             neighbour_res: dict | None = None) -> str:
     lines = ["# Benchmarks", "",
              f"Latest `make bench` run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, "
@@ -274,6 +367,14 @@ def markdown(all_results: dict, scale_res: dict | None, args) -> str:
              "python-passthrough", "randwrite 4k QD1", "lat_us", 1.15, False),
             ("group / strict randwrite 4k QD16", "ours-btt-group", "ours-btt-strict",
              "randwrite 4k QD16", "iops", None, True),
+            # Issue 13: connections served at once, without losing what one connection had.
+            ("BTT randread 4k QD8 x 4 connections / nbdkit-file (>= 0.8)", "ours-btt-none",
+             "nbdkit-file", "randread 4k QD8 4conn", "iops", 0.8, True),
+            ("BTT randread 4k QD16 / same under serialize_all (>= 0.95)", "ours-btt-none",
+             "ours-btt-none-serialize_all", "randread 4k QD16", "iops", 0.95, True),
+            ("BTT(none) randwrite 4k QD16 / same under serialize_all (>= 0.95)",
+             "ours-btt-none", "ours-btt-none-serialize_all", "randwrite 4k QD16", "iops",
+             0.95, True),
             # No targets: how we compare with a pass-through that keeps its thread state too.
             ("BTT randread 4k QD16 / python-passthrough-kept-tstate", "ours-btt-none",
              "python-passthrough-kept-tstate", "randread 4k QD16", "iops", None, True),
@@ -291,6 +392,16 @@ def markdown(all_results: dict, scale_res: dict | None, args) -> str:
             ok = "" if target is None else (" — met" if (r >= target if higher else r <= target)
                                             else " — **not met**")
             lines.append(f"* {text}: {r:.2f}{ok}")
+        lines.append("")
+    if neighbour_res:
+        lines += ["## Noisy neighbour (issue 13; backing files on disk)", "",
+                  "`a`: randread 4k QD4, alone and while `b` (same server) does randwrite 4k "
+                  "QD1 with `--fsync=1`; medians over the rounds.", "",
+                  "| server | a alone (IOPS) | a with neighbour (IOPS) | ratio (target >= 0.8) "
+                  "| neighbour b (IOPS) |", "|---|---|---|---|---|"]
+        for name, r in neighbour_res.items():
+            lines.append(f"| {name} | {r['a_alone']:.0f} | {r['a_with_neighbour']:.0f} | "
+                         f"{r['ratio']:.2f} | {r['neighbour']:.0f} |")
         lines.append("")
     if scale_res:
         lines += ["## 1 TiB namespace vs 1 GiB (sparse, disk-backed, durability none)", "",
@@ -366,6 +477,7 @@ def main():
     ap.add_argument("--only", type=lambda s: s.split(","), default=None)
     ap.add_argument("--no-disk", action="store_true")
     ap.add_argument("--no-scale", action="store_true")
+    ap.add_argument("--no-neighbour", action="store_true")
     ap.add_argument("--threadmodel", default="serialize_all")
     ap.add_argument("--disk-dir", default=os.path.join(ROOT, "var"))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
@@ -374,7 +486,7 @@ def main():
                          "files (the default for partial runs: 'partial')")
     args = ap.parse_args()
     if args.quick:
-        args.runtime, args.no_disk, args.no_scale = 2, True, True
+        args.runtime, args.no_disk, args.no_scale, args.no_neighbour = 2, True, True, True
     for tool in ("nbdkit", "fio", "qemu-nbd"):
         if not shutil.which(tool, path=ENV["PATH"]):
             sys.exit(f"bench: {tool} is not installed (make deps)")
@@ -389,17 +501,20 @@ def main():
         with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
             all_results["disk"] = run_matrix("disk", d, args)
     scale_res = None if args.no_scale else scale(args)
-    partial = bool(args.jobs or args.only or args.no_tmpfs or args.no_disk or args.no_scale)
+    neighbour_res = None if args.no_neighbour else neighbour(args)
+    partial = bool(args.jobs or args.only or args.no_tmpfs or args.no_disk or args.no_scale
+                   or args.no_neighbour)
     name = args.name = args.name or ("partial" if partial else None)  # never over the full run
     bench_dir = os.path.join(args.out, "bench")
     os.makedirs(bench_dir, exist_ok=True)
     with open(os.path.join(bench_dir, f"{name or 'latest'}.json"), "w") as f:
-        json.dump({"results": all_results, "scale": scale_res, "runtime": args.runtime,
+        json.dump({"results": all_results, "scale": scale_res, "neighbour": neighbour_res,
+                   "runtime": args.runtime,
                    "repeat": args.repeat, "rounds": args.rounds, "threadmodel": args.threadmodel,
                    "jobs": args.jobs or list(JOBS)}, f, indent=2)
     if all_results:
         chart(all_results, os.path.join(bench_dir, f"{name or 'chart'}.png"))
-    md = markdown(all_results, scale_res, args)
+    md = markdown(all_results, scale_res, args, neighbour_res)
     with open(os.path.join(bench_dir, f"{name}.md") if name else
               os.path.join(args.out, "benchmarks.md"), "w") as f:
         f.write(md)
