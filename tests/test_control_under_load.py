@@ -169,3 +169,24 @@ def test_clients_vanishing_with_requests_in_flight_do_not_stop_the_server(tmp_pa
     finally:
         s.stop()
     assert "Assertion" not in s.output()
+
+
+def test_group_commit_batches_across_the_connections_of_a_namespace(tmp_path):
+    """Four connections write to one namespace at once, each at QD16: their writes share
+    epochs (one engine per namespace), so commits stay far fewer than writes."""
+    s, ctl, _ = serve(tmp_path, [("a", "sector")])
+    try:
+        before = ctl.ok("list", "--stats")[0]["stats"]
+        loads = [subprocess.Popen(
+            ["fio", "--name=w", "--ioengine=nbd", f"--uri={s.uri('a')}", "--rw=randwrite",
+             "--bs=4k", "--iodepth=16", f"--offset={k * 10}M", "--size=10M", "--io_size=8M"],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in range(4)]
+        for p in loads:
+            assert p.wait(120) == 0
+        after = ctl.ok("list", "--stats")[0]["stats"]
+    finally:
+        s.stop()
+    writes = after["writes"] - before["writes"]
+    commits = after["commits"] - before["commits"]
+    assert writes == 4 * 2048
+    assert commits * 20 < writes, (commits, writes)
