@@ -181,6 +181,13 @@ def get_ready():
             clear_socket_path(settings["control"], "control socket")
     except OSError as e:
         raise Refusal(e.strerror or str(e)) from None
+    for r in registry.regions:
+        # A file with neither labels nor a BTT may be anything (a typo, random bytes, a
+        # disk image meant for something else): it is served raw, so say it once.
+        if not r.labelled and any(ns.active_mode == "raw" for ns in r.namespaces.values()):
+            print(f"nbdkit-btt: warning: {r.path} has no labels and no BTT: served raw, every "
+                  f"byte as it is, {'read-only' if r.read_only else 'read-write'}",
+                  file=sys.stderr)
     problems = [(name, e) for r in registry.regions for name, e in r.probe_errors.items()]
     for name, e in problems:
         print(f"nbdkit-btt: {name} not enabled: {e.strerror}", file=sys.stderr)
