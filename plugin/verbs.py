@@ -341,12 +341,20 @@ def _pick_region(registry, req, size: int | None):
     for region in labelled:
         if region.max_available_extent >= (size or 1):
             return region
+    if not labelled and any(r.labelled for r in registry.regions):
+        # Not "label-less": the labels are there, but nothing may write them.
+        raise NdError(errno.EROFS, "create-namespace: every labelled region is read-only ("
+                      + ", ".join(f"{r.name}: {r.path}" for r in registry.regions
+                                  if r.labelled) + "); the server runs with --readonly, or "
+                      "the files are not writable")
     if not labelled:
         raise NdError(errno.ENXIO, "no labelled, writable region to create a namespace in "
                       "(label-less files hold one namespace; use create-namespace -e, or "
                       "create-region)")
-    raise NdError(errno.ENOSPC, f"no region has {size} bytes free in one extent; largest: "
-                  + ", ".join(f"{r.name} {r.max_available_extent}" for r in labelled))
+    asked = f"{size} bytes" if size else "any space (no --size: the largest free extent)"
+    raise NdError(errno.ENOSPC, f"no region has room for {asked}; free: " + ", ".join(
+        f"{r.name} {r.available_size} bytes (largest extent {r.max_available_extent})"
+        for r in labelled))
 
 
 def _check_claim_size(mode: str, size: int, version: str = "2.0") -> None:

@@ -1,0 +1,56 @@
+"""Messages that misled a new user (issue 16, item 12): each says what happened, with its
+errno, in one line."""
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import MiB
+from nbd_helpers import ENV, ROOT, Server
+from plugin.cli_namespace import call_offline
+from plugin.control import request
+from plugin.labels import LabelArea
+
+BTTCTL = [sys.executable, "-m", "plugin.cli"]
+
+
+def bttctl(*args, cwd=None):
+    return subprocess.run([*BTTCTL, *args], capture_output=True, text=True, cwd=cwd,
+                          env=dict(ENV, PYTHONPATH=ROOT))
+
+
+@pytest.fixture
+def region(tmp_path):
+    path = str(tmp_path / "region.img")
+    LabelArea.create(path, 128 * MiB).close()
+    return path
+
+
+def test_a_full_region_says_what_is_free_and_what_was_asked(region):
+    """Was: `no region has None bytes free`."""
+    assert call_offline([region], {"op": "create-namespace", "size": "96M"})["ok"]
+    assert call_offline([region], {"op": "create-namespace"})["ok"]  # the remaining 32 MiB
+    for size, asked in ((None, "largest free extent"), ("64M", f"{64 * MiB} bytes")):
+        req = {"op": "create-namespace", **({"size": size} if size else {})}
+        reply = call_offline([region], req)
+        assert reply["errno"] == "ENOSPC", reply
+        assert "None" not in reply["error"] and asked in reply["error"]
+        assert "region0 0 bytes" in reply["error"]
+
+
+@pytest.mark.e2e
+def test_create_on_a_read_only_server_is_erofs(tmp_path, region):
+    """Was: ENXIO, `no labelled, writable region ... label-less files hold one namespace`."""
+    ctl = str(tmp_path / "nbd.ctl")
+    call_offline([region], {"op": "create-namespace", "size": "32M"})
+    with Server(tmp_path, [region], "readonly=on", f"control={ctl}", readonly=True) as s:
+        deadline = time.time() + 15
+        while not os.path.exists(ctl):
+            assert time.time() < deadline, s.output()
+            time.sleep(0.05)
+        r = bttctl("create-namespace", "--control", ctl, "--size", "32M")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "EROFS" in r.stderr and "read-only" in r.stderr and "label-less" not in r.stderr
