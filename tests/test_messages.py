@@ -54,3 +54,21 @@ def test_create_on_a_read_only_server_is_erofs(tmp_path, region):
         r = bttctl("create-namespace", "--control", ctl, "--size", "32M")
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "EROFS" in r.stderr and "read-only" in r.stderr and "label-less" not in r.stderr
+
+
+@pytest.mark.e2e
+def test_check_namespace_on_a_served_file_is_ebusy_exit_1(tmp_path, region):
+    """Was: exit 64 (a usage error) with no errno, where every other EBUSY exits 1."""
+    call_offline([region], {"op": "create-namespace", "size": "32M", "name": "db"})
+    ctl = str(tmp_path / "nbd.ctl")
+    with Server(tmp_path, [region], f"control={ctl}") as s:
+        deadline = time.time() + 15
+        while not os.path.exists(ctl):
+            assert time.time() < deadline, s.output()
+            time.sleep(0.05)
+        for argv in (("check-namespace", "--region", region, "db"),  # the file is locked
+                     ("check-namespace", "--repair", region, "--size", str(32 * MiB)),
+                     ("check-namespace", "--control", ctl, "db")):  # enabled
+            r = bttctl(*argv)
+            assert r.returncode == 1, (argv, r.returncode, r.stderr)
+            assert "EBUSY" in r.stderr and r.stderr.count("\n") == 1, r.stderr

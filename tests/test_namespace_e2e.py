@@ -428,7 +428,7 @@ def test_check_namespace_force_leaves_connected_clients_alone(served):
     ctl.ok("create-namespace", "--size", "32M", "--name", "db")
     h = connect(s, "db")
     p = ctl.run("check-namespace", "db", "--force")
-    assert p.returncode == EXIT_USAGE and "EBUSY" in p.stderr and "connected" in p.stderr
+    assert p.returncode == EXIT_REFUSED and "EBUSY" in p.stderr and "connected" in p.stderr
     h.pwrite(pattern(3, 0, 4096), 0)  # still served
     h.shutdown()
     p = ctl.run("check-namespace", "db", "--force")
