@@ -232,8 +232,17 @@ def _print_check(r) -> None:
     for f in r["findings"]:
         state = " [repaired]" if f["repaired"] else ""
         print(f"  {f['severity']}: arena {f['arena']}: {f['problem']}: {f['message']}{state}")
-    verdict = {EXIT_CLEAN: "clean", EXIT_PROBLEMS: f"{r['errors'] - r['repaired']} problem(s) left",
-               EXIT_REPAIRED: f"{r['repaired']} problem(s) repaired"}[r["status"]]
+    pending = any(f["problem"] in ("interrupted-write", "journal") and not f["repaired"]
+                  for f in r["findings"])
+    replayed = r.get("journaled_writes", 0) if any(
+        f["problem"] == "journal" and f["repaired"] for f in r["findings"]) else 0
+    repaired = ", ".join(part for part in (
+        f"{r['repaired']} problem(s) repaired" if r["repaired"] else "",
+        f"{replayed} journaled write(s) replayed" if replayed else "") if part)
+    verdict = {EXIT_CLEAN: "clean" + ("; the next open completes what a crash left (see the "
+                                      "notes; --repair does it now)" if pending else ""),
+               EXIT_PROBLEMS: f"{r['errors'] - r['repaired']} problem(s) left",
+               EXIT_REPAIRED: repaired}[r["status"]]
     print(f"result: {verdict}")
 
 
