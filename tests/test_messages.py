@@ -111,3 +111,42 @@ def test_check_after_a_kill_in_group_mode_counts_what_the_next_open_recovers(tmp
     with Btt.open(path, readonly=True) as b:
         for i in range(60):
             assert b.read(i, 1) == bytes([i + 1]) * 4096, i
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hash(f.read())
+
+
+def test_offline_list_shows_what_a_server_would_do(tmp_path, region):
+    """Was: every namespace "disabled" offline, where a server enables them all."""
+    for args in (("--size", "32M", "--name", "db"), ("-m", "raw", "--size", "32M"),
+                 ("--size", "32M", "--name", "gone")):
+        assert bttctl("create-namespace", "--region", region, *args).returncode == 0
+    listed = {n["dev"]: n for n in call_offline([region], {"op": "list"})["result"]}
+    with open(region, "r+b") as f:  # the label says sector, but the BTT is wiped
+        f.seek(listed["namespace0.2"]["offset"])
+        f.write(bytes(8192))
+    before = digest(region)
+    r = bttctl("list", "--region", region)
+    assert r.returncode == 0, r.stderr
+    import json
+    got = {n["dev"]: n for n in json.loads(r.stdout)}
+    assert (got["namespace0.0"]["state"], got["namespace0.0"]["mode"]) == ("enabled", "sector")
+    assert (got["namespace0.1"]["state"], got["namespace0.1"]["mode"]) == ("enabled", "raw")
+    refused = got["namespace0.2"]
+    assert refused["state"] == "disabled" and "EUCLEAN" in refused["refused"], refused
+    assert "check-namespace" in refused["refused"]
+    assert digest(region) == before  # looking changed nothing
+
+
+@pytest.mark.parametrize("verb", ["enable-namespace", "disable-namespace"])
+def test_offline_enable_and_disable_are_refused(region, verb):
+    """Was: exit 0 and nothing changed (enabled is not kept on media)."""
+    assert bttctl("create-namespace", "--region", region, "--size", "32M", "--name",
+                  "db").returncode == 0
+    before = digest(region)
+    r = bttctl(verb, "--region", region, "db")
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r
+    assert "EOPNOTSUPP" in r.stderr and "--control" in r.stderr
+    assert digest(region) == before
