@@ -80,12 +80,15 @@ _original_format_exception = traceback.format_exception
 traceback.format_exception = _format_exception
 
 
-def _error(e: OSError) -> OSError:
-    """Tells nbdkit which errno the client gets, and returns the exception to raise without
-    its traceback: nbdkit logs the traceback of every failed request, and a misbehaving
-    client can send thousands; the engine's message already says what was wrong."""
-    nbdkit.set_error(e.errno or errno.EIO)
-    return e.with_traceback(None)
+def _error(e: OSError) -> Refusal:
+    """Tells nbdkit which errno the client gets, and returns what to raise: a Refusal, so
+    that the log gets one line naming the errno and no traceback. nbdkit logs every failed
+    request, a misbehaving client can send thousands, and a misaligned request or one after
+    a forced disable is the client's to handle, not a bug here."""
+    err = e.errno or errno.EIO
+    nbdkit.set_error(err)
+    name, text = errno.errorcode.get(err, "EIO"), e.strerror or str(e)
+    return Refusal(text if text.startswith(name) else f"{name}: {text}")
 
 
 # ---- configuration ------------------------------------------------------------------

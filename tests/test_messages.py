@@ -167,3 +167,35 @@ def test_nothing_points_outside_the_repository():
                     if "../" + "shared/docs" in f.read():
                         found.append(os.path.relpath(path, ROOT))
     assert found == []
+
+
+@pytest.mark.e2e
+def test_failed_requests_are_one_log_line(tmp_path):
+    """Was: a Python traceback in the server log for every misaligned request, and for each
+    request of a client whose namespace was disabled under it (item 10)."""
+    import nbd
+    from btt_core import Btt
+    from nbd_helpers import connect
+    path = str(tmp_path / "disk.img")
+    Btt.create(path, size=64 * MiB).close()
+    ctl = str(tmp_path / "nbd.ctl")
+    with Server(tmp_path, [path], f"control={ctl}") as s:
+        deadline = time.time() + 15
+        while not os.path.exists(ctl):
+            assert time.time() < deadline, s.output()
+            time.sleep(0.05)
+        h = connect(s, strict=False)
+        with pytest.raises(nbd.Error) as e:
+            h.pwrite(b"x" * 512, 0)
+        assert e.value.errno == "EINVAL"
+        assert request(ctl, {"op": "disable-namespace", "namespace": "namespace0.0",
+                             "force": True})["ok"]
+        for call in (lambda: h.pread(4096, 0), lambda: h.zero(4096, 0), h.flush):
+            with pytest.raises(nbd.Error) as e:
+                call()
+            assert e.value.errno == "ESHUTDOWN"
+        h.shutdown()
+        log = s.output()
+    assert "Traceback" not in log, log
+    assert log.count("EINVAL: request [0, +512) is not aligned") == 1, log
+    assert log.count("ESHUTDOWN: the namespace has been disabled") == 3, log
