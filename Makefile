@@ -3,7 +3,7 @@
 #
 # The venv must be made from /usr/bin/python3: nbdkit's Python plugin embeds Debian's
 # libpython3.11, so everything the plugin imports (our package, the cffi extension)
-# has to be importable by that interpreter (see docs/ and ../shared/docs/nbdkit-python.md).
+# has to be importable by that interpreter (README.md, first section; docs/serving.md).
 
 SHELL := /bin/bash
 VENV := .venv

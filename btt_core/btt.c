@@ -1,8 +1,9 @@
 /*
  * btt.c - the BTT engine: layout, format, discovery and recovery, and the I/O path.
  *
- * On-media format: Linux drivers/nvdimm/btt.c, as specified in ../shared/docs/btt-format.md
- * (section numbers below refer to it). Durability on an ordinary file: ../shared/docs/design.md.
+ * On-media format: Linux drivers/nvdimm/btt.c and Documentation/driver-api/nvdimm/btt.rst,
+ * summarised in docs/engine.md ("§" numbers below refer to the format notes the engine was
+ * written from, kept outside this repository). Durability on an ordinary file: docs/engine.md.
  *
  * How a write becomes durable here (every mode uses the same steps; they differ in when
  * a commit runs and whether barriers are real fdatasyncs):

@@ -2,7 +2,7 @@
  * btt.h - public interface of the BTT engine.
  *
  * The engine reads and writes the Linux kernel's Block Translation Table format
- * (drivers/nvdimm/btt.c; ../shared/docs/btt-format.md) on top of a small I/O vtable,
+ * (drivers/nvdimm/btt.c; docs/engine.md) on top of a small I/O vtable,
  * so the same code runs over a file (production) and over memory (tests that record
  * every write and barrier to build crash images).
  *

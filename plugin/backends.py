@@ -11,6 +11,28 @@ from btt_core.raw import RawExport
 
 RAW_SECTOR = 4096  # block size of raw exports of label-less (io) namespaces
 MAX_REQUEST = 32 << 20  # the maximum block size we advertise (btt.h: BTT_MAX_REQUEST)
+# TRIM and WRITE_ZEROES carry no payload, so the maximum block size does not bound them: a
+# client may zero the whole export in one request. They are done this many bytes per C
+# call, because a forced disable waits for the calls running (the call guard in raw.c and
+# btt.c): between two calls it stops the request with ESHUTDOWN.
+ZERO_CHUNK = 8 << 20
+
+
+def _zero_in_chunks(one, offset: int, count: int, size: int, block: int, fua: bool) -> None:
+    """Calls one(offset, count, fua) over [offset, +count) in ZERO_CHUNK pieces, FUA on the
+    last: FUA commits (or syncs) everything before it too. The whole range is checked first,
+    so a refused request touches nothing."""
+    if (offset | count) % block:
+        raise BttError(errno.EINVAL, f"zero request [{offset}, +{count}) is not aligned to "
+                       f"{block}-byte blocks")
+    if offset > size or count > size - offset:
+        raise BttError(errno.EINVAL, f"zero request [{offset}, +{count}) is beyond the "
+                       f"{size}-byte export")
+    end = offset + count
+    while offset < end:
+        n = min(ZERO_CHUNK, end - offset)
+        one(offset, n, fua and offset + n == end)
+        offset += n
 
 
 class RawBackend:
@@ -42,7 +64,9 @@ class RawBackend:
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         # Without may_trim the client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE).
-        self.raw.zero(offset, count, allocate=not may_trim, fua=fua)
+        _zero_in_chunks(lambda off, n, last_fua: self.raw.zero(
+            off, n, allocate=not may_trim, fua=last_fua), offset, count, self.size,
+            self.sector_size, fua)
 
     def close(self) -> None:
         self.raw.close()
@@ -74,12 +98,9 @@ class SectorBackend:
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         ss = self.sector_size
-        if offset % ss or count % ss:
-            raise BttError(errno.EINVAL, f"zero request not aligned to {ss}-byte sectors")
-        if self.zero_flag and may_trim:
-            self.btt.set_zero(offset // ss, count // ss, fua)
-        else:
-            self.btt.write_zeroes(offset // ss, count // ss, fua)
+        one = self.btt.set_zero if self.zero_flag and may_trim else self.btt.write_zeroes
+        _zero_in_chunks(lambda off, n, last_fua: one(off // ss, n // ss, last_fua),
+                        offset, count, self.size, ss, fua)
 
     def close(self) -> None:
         self.btt.close()

@@ -1,8 +1,9 @@
 """`bttctl check-namespace` and `bttctl read-infoblock`: offline inspection and repair.
 
 Exit status of check-namespace (ndctl has no such contract; scripts need one):
-  0 clean, 1 problems found and not repaired, 2 problems found and all repaired,
-  3 no BTT found, 64 usage error, 74 I/O error.
+  0 clean, 1 problems found and not repaired, or refused (EBUSY: the namespace or file is
+  in use; stderr names the errno, as every bttctl refusal does), 2 problems found and all
+  repaired, 3 no BTT found, 64 usage error, 74 I/O error.
 Reports go to stdout (JSON with --json), progress and messages to stderr.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from btt_core import BttError, check_namespace, read_infoblock
 from plugin.cli_namespace import default_control, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
-EXIT_USAGE, EXIT_IO = 64, 74
+EXIT_REFUSED, EXIT_USAGE, EXIT_IO = 1, 64, 74
 
 
 def register(subparsers) -> None:
@@ -26,8 +27,8 @@ def register(subparsers) -> None:
         "check-namespace", help="check (and repair) a sector namespace's BTT",
         description="Check a BTT's info blocks, log, map and free lists; with --repair, restore "
                     "damaged info blocks from their backups and redo interrupted writes. "
-                    "Exit status: 0 clean, 1 problems left, 2 all repaired, 3 no BTT, "
-                    "64 usage error, 74 I/O error.")
+                    "Exit status: 0 clean, 1 problems left (or refused: EBUSY), 2 all "
+                    "repaired, 3 no BTT, 64 usage error, 74 I/O error.")
     _target_args(p)
     p.add_argument("--repair", action="store_true", help="fix what can be fixed without data loss")
     p.add_argument("--rewrite-log", action="store_true",
@@ -87,9 +88,21 @@ def _fail(e: BttError) -> int:
           file=sys.stderr)
     if e.errno == errno.ENODEV:
         return EXIT_NO_BTT
-    if e.errno in (errno.EINVAL, errno.EBUSY):
+    if e.errno == errno.EBUSY:  # in use: refused, as every other bttctl verb says it
+        return EXIT_REFUSED
+    if e.errno == errno.EINVAL:
         return EXIT_USAGE
     return EXIT_IO
+
+
+def _refused(e: OSError) -> int:
+    """A namespace or file that cannot be had: one line naming the errno; EBUSY (in use)
+    is a refusal, exit 1, as in every other verb; the rest (no server, no such namespace)
+    usage errors."""
+    from plugin.cli_namespace import error_text
+    print(f"bttctl: {error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
+          file=sys.stderr)
+    return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
 
 
 def _served(args, lock: bool = True):
@@ -119,9 +132,8 @@ def _check_offline_namespace(args) -> int:
             ns = _pick(args, handle(registry, {"op": "list", "idle": True}))
             args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
             return _check_file(args, locked=True)
-    except OSError as e:
-        print(f"bttctl: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
+    except OSError as e:  # a served file is locked (EBUSY), or no such namespace
+        return _refused(e)
 
 
 def _check_served(args) -> int:
@@ -129,19 +141,16 @@ def _check_served(args) -> int:
     try:
         ns = _served(args)
     except OSError as e:
-        print(f"bttctl: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refused(e)
     control = args.control or default_control()
     enabled = ns["state"] == "enabled"
     if enabled and not args.force:
-        print(f"bttctl: {args.target} is enabled (EBUSY): disable it first "
-              f"(bttctl disable-namespace {args.target}) or use --force", file=sys.stderr)
-        return EXIT_USAGE
+        return _refused(OSError(errno.EBUSY, f"{args.target} is enabled: disable it first "
+                                f"(bttctl disable-namespace {args.target}) or use --force"))
     if enabled and ns.get("clients"):
-        print(f"bttctl: {args.target} has {ns['clients']} connected NBD client(s) (EBUSY): "
-              "disconnect them, or cut them off with disable-namespace --force first",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return _refused(OSError(errno.EBUSY, f"{args.target} has {ns['clients']} connected "
+                                "NBD client(s): disconnect them, or cut them off with "
+                                "disable-namespace --force first"))
     if enabled:
         reply = call(control, {"op": "disable-namespace", "namespace": ns["dev"]})
         if not reply["ok"]:
@@ -223,8 +232,17 @@ def _print_check(r) -> None:
     for f in r["findings"]:
         state = " [repaired]" if f["repaired"] else ""
         print(f"  {f['severity']}: arena {f['arena']}: {f['problem']}: {f['message']}{state}")
-    verdict = {EXIT_CLEAN: "clean", EXIT_PROBLEMS: f"{r['errors'] - r['repaired']} problem(s) left",
-               EXIT_REPAIRED: f"{r['repaired']} problem(s) repaired"}[r["status"]]
+    pending = any(f["problem"] in ("interrupted-write", "journal") and not f["repaired"]
+                  for f in r["findings"])
+    replayed = r.get("journaled_writes", 0) if any(
+        f["problem"] == "journal" and f["repaired"] for f in r["findings"]) else 0
+    repaired = ", ".join(part for part in (
+        f"{r['repaired']} problem(s) repaired" if r["repaired"] else "",
+        f"{replayed} journaled write(s) replayed" if replayed else "") if part)
+    verdict = {EXIT_CLEAN: "clean" + ("; the next open completes what a crash left (see the "
+                                      "notes; --repair does it now)" if pending else ""),
+               EXIT_PROBLEMS: f"{r['errors'] - r['repaired']} problem(s) left",
+               EXIT_REPAIRED: repaired}[r["status"]]
     print(f"result: {verdict}")
 
 

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                    help="with each served sector namespace, its durability mode and the "
                         "engine's counters (sectors written, commits, fdatasyncs)")
     p.set_defaults(request=lambda a: {"op": "list", "idle": a.idle, "regions": a.regions,
-                                      "stats": a.stats})
+                                      "stats": a.stats, "at_start": bool(a.region_file)})
 
     p = _verb(subparsers, "create-namespace", "create (or with -e, reconfigure) a namespace",
               "Carve a namespace from a labelled region's free space and enable it. In "
@@ -216,8 +216,20 @@ def run(args, req: dict, lock: bool = True) -> dict:
     return call(args.control, req)
 
 
+OFFLINE_REFUSED = ("enable-namespace", "disable-namespace")
+
+
 def _run(args) -> int:
     req = args.request(args)
+    if getattr(args, "region_file", None) and req["op"] in OFFLINE_REFUSED:
+        # Offline nothing is served, and enabled is not kept on media (Linux keeps no such
+        # flag in the labels either): a server enables every namespace it can at start.
+        # Answering 0 here changed nothing, so it is refused.
+        print(f"bttctl {req['op']}: EOPNOTSUPP: offline (--region) nothing is served, so "
+              "there is nothing to enable or disable; a server enables every namespace "
+              "its labels describe when it starts (`bttctl list --region FILE` shows what "
+              "it would do). Use a running server's --control", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         reply = run(args, req)
     except OSError as e:  # no server, no such file, or the region file is locked
@@ -234,10 +246,6 @@ def _run(args) -> int:
     else:
         json.dump(result, sys.stdout, indent=2)
         print()
-    if getattr(args, "region_file", None) and req["op"] in ("enable-namespace",
-                                                             "disable-namespace"):
-        print("bttctl: offline, nothing is served: a server enables every configured "
-              "namespace when it starts", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Persistent namespace labels: the Linux/UEFI label storage area, where QEMU keeps it.
 
 A labelled region file is laid out like the backing file of a QEMU emulated NVDIMM
-(`../shared/docs/label-format.md` §4): `[pmem area, P bytes][label storage area, L bytes]`.
+(docs/namespaces.md §1.1): `[pmem area, P bytes][label storage area, L bytes]`.
 A namespace is an extent of the pmem area; its label's `dpa` *is* its file offset. The label
 area holds two index blocks and `nslot` label slots (§1). Everything is little-endian.
 

@@ -80,12 +80,15 @@ _original_format_exception = traceback.format_exception
 traceback.format_exception = _format_exception
 
 
-def _error(e: OSError) -> OSError:
-    """Tells nbdkit which errno the client gets, and returns the exception to raise without
-    its traceback: nbdkit logs the traceback of every failed request, and a misbehaving
-    client can send thousands; the engine's message already says what was wrong."""
-    nbdkit.set_error(e.errno or errno.EIO)
-    return e.with_traceback(None)
+def _error(e: OSError) -> Refusal:
+    """Tells nbdkit which errno the client gets, and returns what to raise: a Refusal, so
+    that the log gets one line naming the errno and no traceback. nbdkit logs every failed
+    request, a misbehaving client can send thousands, and a misaligned request or one after
+    a forced disable is the client's to handle, not a bug here."""
+    err = e.errno or errno.EIO
+    nbdkit.set_error(err)
+    name, text = errno.errorcode.get(err, "EIO"), e.strerror or str(e)
+    return Refusal(text if text.startswith(name) else f"{name}: {text}")
 
 
 # ---- configuration ------------------------------------------------------------------
@@ -181,6 +184,13 @@ def get_ready():
             clear_socket_path(settings["control"], "control socket")
     except OSError as e:
         raise Refusal(e.strerror or str(e)) from None
+    for r in registry.regions:
+        # A file with neither labels nor a BTT may be anything (a typo, random bytes, a
+        # disk image meant for something else): it is served raw, so say it once.
+        if not r.labelled and any(ns.active_mode == "raw" for ns in r.namespaces.values()):
+            print(f"nbdkit-btt: warning: {r.path} has no labels and no BTT: served raw, every "
+                  f"byte as it is, {'read-only' if r.read_only else 'read-write'}",
+                  file=sys.stderr)
     problems = [(name, e) for r in registry.regions for name, e in r.probe_errors.items()]
     for name, e in problems:
         print(f"nbdkit-btt: {name} not enabled: {e.strerror}", file=sys.stderr)

@@ -3,7 +3,7 @@
 One `Region` per region file holds namespaces (`namespaceR.M`), BTT personalities
 (`bttR.M`), the namespace and btt seeds, and the claims between them, with the kernel's
 attribute names, text formats, transitions and errno values
-(`../shared/docs/namespace-model.md` §1–§3). `Region.get("namespace0.0/size")` and
+(Linux's drivers/nvdimm; docs/namespaces.md §2). `Region.get("namespace0.0/size")` and
 `Region.set("btt0.0/namespace", "namespace0.0")` are the sysfs reads and writes;
 `bind`/`unbind` are writes to the nd_pmem driver's bind/unbind files.
 

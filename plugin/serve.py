@@ -80,8 +80,10 @@ def _default_region(path: str) -> None:
         raise SystemExit(f"bttctl serve: creating the demo namespace: {reply['error']}")
 
 
-def _exports(reply: dict) -> list[str]:
-    return [ns["export"] for ns in reply.get("result", []) if ns.get("export")]
+def _exports(reply: dict) -> list[dict]:
+    """The served namespaces in a `list --regions --idle` reply, each with its region."""
+    return [dict(ns, labels=r["labels"]) for r in reply.get("result", [])
+            for ns in r["namespaces"] if ns.get("export")]
 
 
 def _clients(control: str) -> int | None:
@@ -118,7 +120,7 @@ def _ready(control: str, proc, timeout=30.0) -> dict | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            return request(control, {"op": "list"}, 2)
+            return request(control, {"op": "list", "regions": True, "idle": True}, 2)
         except (OSError, ValueError):
             time.sleep(0.05)
     return None
@@ -197,39 +199,84 @@ def cmd_serve(args) -> int:
     owned = [(p, socket_ident(p)) for p in ([where] if isinstance(where, str) else []) + [control]]
     try:
         if stop["signals"] == 0:
-            _banner(args, regions, where, control, _exports(reply))
+            _banner(args, regions, where, control, reply.get("result", []))
         return _wait(proc, stop, control)
     finally:
         for path, ident in owned:
             unlink_if_same(path, ident)
 
 
-def _banner(args, regions, where, control, exports) -> None:
-    if not exports:
-        _say(f"bttctl serve: nothing to export yet; create a namespace with\n"
-             f"  bttctl create-namespace --control {control} --size 256M --name db")
-    export = exports[0] if exports else "namespace0.0"
+def _attach(where, export: str, sector_size: int):
+    """(URI, nbd-client command, QEMU options) for one export. nbd-client needs the
+    export's block size (-b): its default of 512 makes the kernel send requests a
+    4096-byte export refuses, and mkfs fails."""
     if isinstance(where, str):
-        uri = f"nbd+unix:///{export}?socket={where}"
-        qemu = (f"-blockdev driver=nbd,server.type=unix,server.path={where},export={export},"
+        return (f"nbd+unix:///{export}?socket={where}",
+                f"nbd-client -unix {where} /dev/nbd0 -N {export} -b {sector_size}",
+                f"-blockdev driver=nbd,server.type=unix,server.path={where},export={export},"
                 f"node-name=disk0 -device virtio-blk-pci,drive=disk0")
-        nbd_client = f"nbd-client -unix {where} /dev/nbd0 -N {export}"
-    else:
-        host, port = where
-        uri = f"nbd://{host}:{port}/{export}"
-        qemu = (f"-blockdev driver=nbd,server.type=inet,server.host={host},server.port={port},"
-                f"export={export},node-name=disk0 -device virtio-blk-pci,drive=disk0")
-        nbd_client = f"nbd-client {host} {port} /dev/nbd0 -N {export}"
+    host, port = where
+    return (f"nbd://{host}:{port}/{export}",
+            f"nbd-client {host} {port} /dev/nbd0 -N {export} -b {sector_size}",
+            f"-blockdev driver=nbd,server.type=inet,server.host={host},server.port={port},"
+            f"export={export},node-name=disk0 -device virtio-blk-pci,drive=disk0")
+
+
+def _export_lines(regions: list[dict]) -> list[str]:
+    """One line per namespace: the names it is exported under, or why it is not."""
+    lines = []
+    for region in regions:
+        for ns in region["namespaces"]:
+            names = " or ".join(n for n in (ns.get("name"), ns["dev"]) if n)
+            if not ns.get("export"):
+                lines.append(f"  {names}: disabled (bttctl enable-namespace {ns['dev']})")
+                continue
+            lines.append(f"  {names}: {ns['mode']}, {ns['sector_size']}-byte sectors, "
+                         f"{ns['size'] >> 20} MiB")
+            if ns["mode"] == "raw" and region["labels"] == "none":
+                lines.append(f"    warning: {region['path']} has no labels and no BTT: "
+                             "served raw, every byte as it is, read-write unless --readonly")
+    return lines
+
+
+def _create_hint(args, control: str, regions: list[dict]) -> str:
+    """What to run when there is nothing to export: a command that will work here."""
+    if args.readonly:
+        return "nothing can be created: the server is read-only (--readonly)"
+    room = max((r["max_available_extent"] for r in regions
+                if r["labels"] != "none" and not r["read_only"]), default=0)
+    if room < 32 << 20:
+        return ("no region has room for a namespace: serve another region, or make one with "
+                "bttctl create-region FILE -s SIZE")
+    size = " --size 256M" if room >= 256 << 20 else ""  # else: the largest free extent
+    return (f"create one with\n  bttctl create-namespace --control {control} --mode sector"
+            f"{size} --name db")
+
+
+def _banner(args, regions, where, control, listed: list[dict]) -> None:
+    exports = _exports({"result": listed})
+    place = where if isinstance(where, str) else f"{where[0]}:{where[1]}"
+    head = (f"\nserving {', '.join(regions)} ({args.durability} durability"
+            f"{', read-only' if args.readonly else ''}) at {place}\ncontrol socket: {control}")
+    if not exports:
+        _, nbd_client, _ = _attach(where, "db", 4096)
+        _say(f"{head}\n\nno namespaces yet: {_create_hint(args, control, listed)}\n"
+             f"then attach it by its name:\n  {nbd_client}\n\nCtrl-C stops the server.")
+        return
+    first = exports[0]
+    export = first.get("name") or first["dev"]  # the alt_name outlives a renumbering
+    uri, nbd_client, qemu = _attach(where, export, first["sector_size"])
     print(uri, flush=True)
-    _say(f"""
-serving {', '.join(regions)} ({args.durability} durability) at
-  {uri}
-control socket: {control}
+    lines = "\n".join(_export_lines(listed))
+    _say(f"""{head}
+
+exports (by alt_name or device name):
+{lines}
 
   nbdinfo '{uri}'
   {nbd_client}
   qemu-system-x86_64 ... {qemu}
-  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs=4k --size=256M
+  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs={first['sector_size']} --size={min(256, first['size'] >> 20)}M
 
 Ctrl-C stops the server.""")
 

@@ -281,8 +281,33 @@ def op_list(registry, req):
     idle = bool(_field(req, "idle", bool, False)) or not registry.serving
     stats = bool(_field(req, "stats", bool, False))
     if _field(req, "regions", bool, False):
-        return [describe_region(registry, r, idle, stats) for r in registry.regions]
-    return [d for r in registry.regions for d in _namespaces(registry, r, idle, stats)]
+        out = [describe_region(registry, r, idle, stats) for r in registry.regions]
+        listed = [ns for r in out for ns in r["namespaces"]]
+    else:
+        out = listed = [d for r in registry.regions for d in _namespaces(registry, r, idle, stats)]
+    if _field(req, "at_start", bool, False) and not registry.serving:
+        _state_at_start(registry, listed)
+    return out
+
+
+def _state_at_start(registry, listed: list[dict]) -> None:
+    """Offline (`bttctl list --region`) nothing is enabled, and "disabled" everywhere said
+    nothing: state becomes what a server would make of each namespace when it starts (the
+    labels and the BTTs decide; Linux keeps no enabled flag on media either), and a
+    namespace it would refuse says why."""
+    from plugin.namespaces import open_region
+    for region in registry.regions:
+        started = open_region(region.path, region.id, autobind=True, read_only=True)
+        for d in listed:
+            if d["path"] != region.path or d["dev"] not in started.namespaces:
+                continue
+            ns = started.namespaces[d["dev"]]
+            d["state"] = "enabled" if ns.active_mode else "disabled"
+            if ns.active_mode:
+                d["mode"] = ns.active_mode
+            if ns.name in started.probe_errors:
+                err = started.probe_errors[ns.name]
+                d["refused"] = err.strerror or str(err)
 
 
 def op_get(registry, req):
@@ -341,12 +366,20 @@ def _pick_region(registry, req, size: int | None):
     for region in labelled:
         if region.max_available_extent >= (size or 1):
             return region
+    if not labelled and any(r.labelled for r in registry.regions):
+        # Not "label-less": the labels are there, but nothing may write them.
+        raise NdError(errno.EROFS, "create-namespace: every labelled region is read-only ("
+                      + ", ".join(f"{r.name}: {r.path}" for r in registry.regions
+                                  if r.labelled) + "); the server runs with --readonly, or "
+                      "the files are not writable")
     if not labelled:
         raise NdError(errno.ENXIO, "no labelled, writable region to create a namespace in "
                       "(label-less files hold one namespace; use create-namespace -e, or "
                       "create-region)")
-    raise NdError(errno.ENOSPC, f"no region has {size} bytes free in one extent; largest: "
-                  + ", ".join(f"{r.name} {r.max_available_extent}" for r in labelled))
+    asked = f"{size} bytes" if size else "any space (no --size: the largest free extent)"
+    raise NdError(errno.ENOSPC, f"no region has room for {asked}; free: " + ", ".join(
+        f"{r.name} {r.available_size} bytes (largest extent {r.max_available_extent})"
+        for r in labelled))
 
 
 def _check_claim_size(mode: str, size: int, version: str = "2.0") -> None:

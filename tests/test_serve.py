@@ -28,7 +28,7 @@ def start_serve(cwd, *args):
 def test_serve_defaults_then_ctrl_c(tmp_path):
     p, uri = start_serve(tmp_path)
     try:
-        assert uri == f"nbd+unix:///namespace0.0?socket={tmp_path}/var/nbd.sock"
+        assert uri == f"nbd+unix:///demo?socket={tmp_path}/var/nbd.sock"  # by its alt_name
         # A labelled 1 GiB region (plus its 128 KiB label area) with a 512 MiB BTT namespace.
         assert (tmp_path / "var" / "region0.img").stat().st_size == (1 << 30) + (128 << 10)
         info = subprocess.run(["nbdinfo", uri], env=ENV, capture_output=True, text=True, check=True)
@@ -42,6 +42,9 @@ def test_serve_defaults_then_ctrl_c(tmp_path):
     err = p.stderr.read()
     assert rc == 0, err
     assert "nbd-client" in err and "-blockdev driver=nbd" in err and "--ioengine=nbd" in err
+    # nbd-client must be told the block size: its 512 default makes mkfs fail (item 7)
+    assert f"nbd-client -unix {tmp_path}/var/nbd.sock /dev/nbd0 -N demo -b 4096" in err
+    assert "  demo or namespace0.0: sector, 4096-byte sectors, 510 MiB" in err
     p, uri2 = start_serve(tmp_path)  # the existing region is served again, not recreated
     p.send_signal(signal.SIGTERM)
     assert p.wait(20) == 0 and uri2 == uri
@@ -53,7 +56,7 @@ def test_serve_tcp_localhost(tmp_path):
         port = s.getsockname()[1]
     p, uri = start_serve(tmp_path, "--tcp", f"127.0.0.1:{port}", "--durability", "strict")
     try:
-        assert uri == f"nbd://127.0.0.1:{port}/namespace0.0"
+        assert uri == f"nbd://127.0.0.1:{port}/demo"
         info = subprocess.run(["nbdinfo", uri], env=ENV, capture_output=True, text=True, check=True)
         assert "export-size" in info.stdout
     finally:
@@ -332,3 +335,78 @@ def test_threads_out_of_range_is_a_usage_error(tmp_path, region, threads):
                        cwd=tmp_path, env=dict(ENV, PYTHONPATH=ROOT), capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 64 and "--threads must be 1..256" in p.stderr
+
+
+def _banner(p, timeout=20):
+    """Everything serve says up to "Ctrl-C stops the server.", then stops it."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        lines.append(line)
+        if not line or "Ctrl-C stops" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    assert p.wait(20) == 0
+    return "".join(lines)
+
+
+def _serve(cwd, *args):
+    return subprocess.Popen([*BTTCTL, "serve", *args], cwd=cwd, env=dict(ENV, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_an_empty_region_says_so(tmp_path, readonly):
+    """An empty labelled region: the banner used to print namespace0.0's URI and an
+    nbd-client command for it, an export that does not exist. Now it says there are no
+    namespaces and gives a create-namespace command that works (or says why none can)."""
+    region = tmp_path / "empty.img"
+    assert _bttctl(tmp_path, "create-region", str(region), "-s", "512M").returncode == 0
+    p = _serve(tmp_path, "--region", str(region), *(["--readonly"] if readonly else []))
+    err = _banner(p)
+    assert p.stdout.read() == ""  # no URI: there is no export to give
+    assert "no namespaces yet" in err and "namespace0.0" not in err
+    if readonly:
+        assert "read-only" in err and "bttctl create-namespace" not in err
+        return
+    ctl = str(tmp_path / "nbd.ctl")
+    cmd = next(l for l in err.splitlines() if "bttctl create-namespace" in l).split()
+    assert cmd[:2] == ["bttctl", "create-namespace"] and "--name" in cmd
+    p = _serve(tmp_path, "--region", str(region), "--control", ctl)
+    try:
+        assert "no namespaces yet" in p.stderr.readline() + p.stderr.readline() + \
+            p.stderr.readline() + p.stderr.readline() + p.stderr.readline()
+        cmd[cmd.index("--control") + 1] = ctl
+        r = _bttctl(tmp_path, *cmd[1:])  # the suggested command works
+        assert r.returncode == 0, r.stderr
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+
+
+def test_banner_lists_every_export_by_both_names(tmp_path):
+    region = tmp_path / "r.img"
+    assert _bttctl(tmp_path, "create-region", str(region), "-s", "512M").returncode == 0
+    for args in (("--mode", "sector", "--size", "64M", "--name", "db"),
+                 ("--mode", "raw", "--size", "64M", "--sector-size", "512"),
+                 ("--mode", "sector", "--size", "64M", "--name", "logs")):
+        r = _bttctl(tmp_path, "create-namespace", "--region", str(region), *args)
+        assert r.returncode == 0, r.stderr
+    err = _banner(_serve(tmp_path, "--region", str(region)))
+    assert "  db or namespace0.0: sector, 4096-byte sectors" in err
+    assert "  namespace0.1: raw, 512-byte sectors, 64 MiB" in err
+    assert "  logs or namespace0.2: sector" in err
+    assert "-N db -b 4096" in err and "warning" not in err
+
+
+def test_a_label_less_file_without_a_btt_is_served_with_a_warning(tmp_path):
+    """Random bytes given as --region were served read-write as a raw disk, silently."""
+    region = tmp_path / "random.img"
+    region.write_bytes(os.urandom(8 << 20))
+    p = _serve(tmp_path, "--region", str(region))
+    err = _banner(p)
+    warnings = [l for l in err.splitlines() if "no labels and no BTT" in l]
+    assert len(warnings) == 2, err  # nbdkit's log line, and the banner's
+    assert str(region) in warnings[0] and "raw" in warnings[0]
+    assert "-b 4096" in err
