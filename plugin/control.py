@@ -103,9 +103,11 @@ class ControlServer:
         while not self._stopping:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as e:
                 if self._stopping:
                     return
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    time.sleep(0.1)  # out of descriptors: do not spin holding the GIL
                 continue
             if not self._clients.acquire(blocking=False):
                 self._send(conn, error_reply(None, errno.EAGAIN, "too many control clients"))
@@ -116,7 +118,13 @@ class ControlServer:
 
     def _send(self, conn, reply: dict) -> bool:
         try:
-            conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+            data = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+        except (ValueError, TypeError, RecursionError) as e:  # e.g. an id nested deep
+            data = json.dumps(error_reply(None, errno.EINVAL, f"reply cannot be encoded: "
+                                          f"{type(e).__name__}")).encode() + b"\n"
+        try:
+            conn.settimeout(self.request_timeout)  # not what the last recv had left
+            conn.sendall(data)
             return True
         except OSError:
             return False

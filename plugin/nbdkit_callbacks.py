@@ -67,13 +67,16 @@ class Refusal(Exception):
     connection over the cap): nbdkit logs it as its message alone, see below."""
 
 
-def _format_exception(exc, value=None, tb=None, *args, **kwargs):
+def _format_exception(exc, *args, **kwargs):
     # nbdkit's Python plugin reports every exception a callback raises through
     # traceback.format_exception (plugins/python/errors.c). A Refusal is not a bug, and a
-    # traceback in the log would say it was: report its message, one line.
-    if isinstance(exc, Refusal) or isinstance(value, Refusal):
-        return [f"{value if isinstance(value, Refusal) else exc}\n"]
-    return _original_format_exception(exc, value, tb, *args, **kwargs)
+    # traceback in the log would say it was: report its message, one line. The other
+    # arguments pass through untouched, so every calling form keeps working.
+    value = args[0] if args else kwargs.get("value")
+    for e in (value, exc):
+        if isinstance(e, Refusal):
+            return [f"{e}\n"]
+    return _original_format_exception(exc, *args, **kwargs)
 
 
 _original_format_exception = traceback.format_exception
@@ -260,8 +263,8 @@ def close(h):
         h.export.clients -= 1
         connections["open"] -= 1
     if h.workers is not None and h.workers.release():
-        nbdkit.debug("a worker thread outlived its connection: its Python thread state "
-                     "stays allocated")
+        nbdkit.debug("worker thread states of this connection stay allocated (a worker "
+                     "still running, or Python 3.12+)")
     if h.thread_state is not None and not h.thread_state.release():
         nbdkit.debug("connection closed on another thread than it opened on: "
                      "its Python thread state stays allocated")

@@ -290,6 +290,10 @@ class IoMedia:
         try:
             with self._open() as io:
                 before = self._info_blocks(io, offset, max(size, old_size or 0))
+                # A BTT already here (a reconfigure) must stop opening before its map and
+                # flog are overwritten, or a crash in between would serve its old info
+                # block over new metadata: with its primary gone it is refused (EUCLEAN).
+                self._zero(io, before & {offset, offset + 4096})
                 Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
                               version=version, uuid=uuid, parent_uuid=parent_uuid)
                 io.sync()

@@ -37,12 +37,18 @@ def open_for_writing(path: str, flags: int = os.O_RDWR) -> int:
 
 
 def _answers(path: str) -> bool:
+    """False only when nothing listens on the socket (ECONNREFUSED): a full backlog
+    (EAGAIN) or another user's socket (EACCES) is somebody's live server, never stale."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2)
         try:
             s.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             return False
+        except OSError as e:
+            raise OSError(e.errno or errno.EADDRINUSE,
+                          f"{path} is a socket in use ({e.strerror}); refusing to replace it") \
+                from None
         try:
             s.recv(18)  # take nbdkit's greeting, so that it does not log a broken pipe
         except OSError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 
 try:
@@ -83,13 +84,24 @@ def keep_thread_state() -> ThreadStatePin | None:
     return pin
 
 
+# Deleting a worker's state from another thread is safe in 3.11: PyThreadState_Delete
+# unbinds the calling thread's PyGILState slot only if it holds that very state. 3.12
+# clears the caller's slot unconditionally, which would leave the connection thread without
+# its own state and make the next PyGILState_Release abort the process; there the worker
+# states are left allocated (a few KiB per worker per connection) rather than deleted.
+_CAN_DELETE_OTHER_STATES = sys.version_info < (3, 12)
+
+
 class ConnectionThreads:
     """The worker threads of one connection whose thread states are pinned."""
 
     __slots__ = ("states",)
 
     def __init__(self):
-        self.states: dict[int, tuple[int, int]] = {}  # ident -> (native tid, PyThreadState*)
+        # ident -> (native tid, PyThreadState*). Made by open(), on the connection thread,
+        # which is pinned already (keep_thread_state): with nbdkit --threads 1 it runs the
+        # requests itself, and a second pin there would never be given back.
+        self.states: dict[int, tuple[int, int] | None] = {threading.get_ident(): None}
 
     def pinned(self, call):
         """call, pinning the calling thread's state first if it is not pinned yet."""
@@ -113,10 +125,13 @@ class ConnectionThreads:
         """Deletes the states of workers that have ended (call from close(), GIL held);
         returns how many are left because their thread still runs."""
         left = {}
-        me = threading.get_ident()
-        for ident, (tid, state) in self.states.items():
-            if ident == me or os.path.exists(f"/proc/self/task/{tid}"):
-                left[ident] = (tid, state)
+        for ident, pinned in self.states.items():
+            if pinned is None:
+                continue  # the connection thread: close() releases its own pin
+            tid, state = pinned
+            # nbdkit joins the workers before close(); /proc is a second opinion
+            if not _CAN_DELETE_OTHER_STATES or os.path.exists(f"/proc/self/task/{tid}"):
+                left[ident] = pinned
                 continue
             _clear(state)
             _delete(state)

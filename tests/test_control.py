@@ -33,6 +33,8 @@ class Counter:
             raise ControlError(errno.EBUSY, "namespace0.0 is claimed by btt0.0")
         if op == "bug":
             raise KeyError("oops")
+        if op == "unencodable":
+            return {"a": {1, 2}}  # a set: json cannot encode the reply
         raise ControlError(errno.EINVAL, f"unknown op {op!r}; valid: inc, get, busy")
 
 
@@ -256,3 +258,38 @@ def test_deep_nesting_gets_a_json_error(server, payload):
     replies = raw(server.path, payload + b"\n")
     assert replies and replies[0]["errno"] == "EINVAL" and "JSON" in replies[0]["error"]
     assert request(server.path, {"op": "get"})["ok"]
+
+
+def test_an_unencodable_reply_is_an_error_reply_not_a_dead_thread(server):
+    first, second = raw(server.path, b'{"op": "unencodable"}\n{"op": "get"}\n')
+    assert first["ok"] is False and "cannot be encoded" in first["error"]
+    assert second["ok"] is True  # the client's connection was still served
+
+
+def test_a_live_socket_with_a_full_backlog_is_not_stale(tmp_path):
+    """A listener that is too busy to accept (its backlog full: connect says EAGAIN) is a
+    live server; only a refused connection makes a socket stale."""
+    from plugin.paths import clear_socket_path
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    try:
+        for _ in range(4):  # fill the backlog
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        with pytest.raises(OSError) as e:
+            clear_socket_path(path, "control socket")
+        assert "in use" in str(e.value)
+        assert os.path.exists(path)
+    finally:
+        for c in queued:
+            c.close()
+        listener.close()

@@ -42,6 +42,26 @@ def test_pin_is_released_only_on_its_own_thread():
     assert pythread.held == before
 
 
+def test_the_connection_thread_is_not_pinned_twice(monkeypatch):
+    """With nbdkit --threads 1 the connection thread runs the requests itself: open() has
+    pinned it already, and a second pin there would never be given back. A worker thread
+    is pinned once, and close() deletes its state after it has ended."""
+    ensured, deleted = [], []
+    monkeypatch.setattr(pythread, "_ensure", lambda: ensured.append(1) or 1)
+    monkeypatch.setattr(pythread, "_this_state", lambda: 12345)
+    monkeypatch.setattr(pythread, "_clear", lambda state: None)
+    monkeypatch.setattr(pythread, "_delete", deleted.append)
+    workers = pythread.ConnectionThreads()  # made on the connection thread, as open() does
+    call = workers.pinned(lambda x: x + 1)
+    assert call(1) == 2 and ensured == []
+    t = threading.Thread(target=lambda: [call(1), call(2)])
+    t.start()
+    t.join()
+    assert ensured == [1]
+    if pythread._CAN_DELETE_OTHER_STATES:
+        assert workers.release() == 0 and deleted == [12345]
+
+
 def _mmaps_during(pid: int, work, out) -> int:
     """mmap plus munmap calls made by every thread of pid while work() runs (strace's
     summary goes to the file out)."""
@@ -58,25 +78,34 @@ def _mmaps_during(pid: int, work, out) -> int:
     return sum(int(row[3]) for row in rows)
 
 
+def _region(tmp_path) -> str:
+    region = str(tmp_path / "region.img")
+    Btt.create(region, size=32 * MiB).close()
+    return region
+
+
+def _mmaps_for_2000_requests(s, tmp_path) -> int:
+    """Without a pinned thread state, each of the 2000 requests maps and unmaps a frame
+    stack; leaves LBAs 0..63 holding b"y"s."""
+    h = connect(s)
+    try:
+        h.pwrite(b"x" * 4096, 0)
+
+        def requests():
+            for i in range(1000):
+                h.pread(4096, (i % 64) * 4096)
+                h.pwrite(b"y" * 4096, (i % 64) * 4096)
+
+        return _mmaps_during(s.proc.pid, requests, tmp_path / "strace.txt")
+    finally:
+        h.shutdown()
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
 def test_requests_reuse_the_connection_thread_state(tmp_path):
-    region = str(tmp_path / "region.img")
-    Btt.create(region, size=32 * MiB).close()
-    with Server(tmp_path, [region], "durability=none") as s:
-        h = connect(s)
-        try:
-            h.pwrite(b"x" * 4096, 0)
-
-            def requests():
-                for i in range(1000):
-                    h.pread(4096, (i % 64) * 4096)
-                    h.pwrite(b"y" * 4096, (i % 64) * 4096)
-
-            # Without the pin each of the 2000 requests maps and unmaps a frame stack.
-            assert _mmaps_during(s.proc.pid, requests, tmp_path / "strace.txt") < 200
-        finally:
-            h.shutdown()
+    with Server(tmp_path, [_region(tmp_path)], "durability=none") as s:
+        assert _mmaps_for_2000_requests(s, tmp_path) < 200
 
         # Connections opened and closed, one by one and several at once, give their
         # thread states back without upsetting the interpreter.
@@ -102,27 +131,15 @@ def _rss_kib(pid: int) -> int:
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
-def test_parallel_workers_keep_their_thread_states_and_give_them_back(tmp_path):
+@pytest.mark.parametrize("threads", ["4", "1"])  # 1: nbdkit runs no workers at all
+def test_parallel_workers_keep_their_thread_states_and_give_them_back(tmp_path, threads):
     """threadmodel=parallel: each worker thread is pinned by its first request, and close()
     deletes the states of the connection's workers, so connections that come and go do not
     leak a thread state per worker (measured: 28 KiB grown over 240 connections, against
     2.7 MiB when close() leaves the states)."""
-    region = str(tmp_path / "region.img")
-    Btt.create(region, size=32 * MiB).close()
-    with Server(tmp_path, [region], "durability=none", "threadmodel=parallel",
-                extra=("--threads", "4")) as s:
-        h = connect(s)
-        try:
-            h.pwrite(b"x" * 4096, 0)
-
-            def requests():
-                for i in range(1000):
-                    h.pread(4096, (i % 64) * 4096)
-                    h.pwrite(b"y" * 4096, (i % 64) * 4096)
-
-            assert _mmaps_during(s.proc.pid, requests, tmp_path / "strace.txt") < 200
-        finally:
-            h.shutdown()
+    with Server(tmp_path, [_region(tmp_path)], "durability=none", "threadmodel=parallel",
+                extra=("--threads", threads)) as s:
+        assert _mmaps_for_2000_requests(s, tmp_path) < 200
 
         def churn(n):
             for _ in range(n):

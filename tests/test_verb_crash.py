@@ -296,3 +296,23 @@ def test_harness_catches_the_old_orders(base, monkeypatch, verb, mutation):
     _, problems = explore(base, req, changed, pending_ok=pending_ok)
     assert any("neither old nor new" in p for p in problems), \
         f"{mutation.__name__} on {verb} went unnoticed"
+
+
+def test_a_reformat_stops_the_old_btt_opening_before_it_touches_its_metadata():
+    """Reconfiguring over an existing BTT (label-less, or with its own uuid back) must not
+    leave the old info block valid over half-new map and flog: the first writes, synced
+    before any other, zero the old primary info blocks."""
+    import uuid as uuidlib
+    io = Io.memory(64 * MiB)
+    media = IoMedia(io)
+    media.format(0, 64 * MiB, version="1.1", uuid=uuidlib.uuid4(),
+                 parent_uuid=uuidlib.UUID(int=0), sector_size=4096)
+    io.set_recording(True)
+    media.format(0, 64 * MiB, version="1.1", uuid=uuidlib.uuid4(),
+                 parent_uuid=uuidlib.UUID(int=0), sector_size=512, old_size=64 * MiB)
+    records = io.records()
+    first_sync = next(i for i, r in enumerate(records) if r[1] == "sync")
+    before = records[:first_sync]
+    assert {off for _, kind, off, _ in before} == {4096}  # BTT 1.1: primary at +4 KiB
+    assert all(kind == "write" and not any(data) for _, kind, _, data in before)
+    io.close()
