@@ -16,8 +16,9 @@ state and reuse it. Two kinds of thread serve a connection:
   is pinned by its first data request (ConnectionThreads.pinned wraps the data callbacks).
   nbdkit ends the workers without a callback on their own threads, before it calls close()
   on the connection thread; close() then clears and deletes their states. A state is
-  deleted only once its thread is gone (checked in /proc), so no running thread ever loses
-  the state it is using; one that is somehow still alive keeps its few KiB.
+  deleted only once its thread is gone from /proc, so no running thread ever loses the
+  state it is using; one still listed (pthread_join returns a moment before the kernel
+  forgets the thread) is deleted by a later close().
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ DEFAULT_WORKERS = 4
 
 _lock = threading.Lock()
 held = 0  # thread states currently kept alive (tests read it)
+_orphans: list[tuple[int, int]] = []  # (tid, PyThreadState*) of ended workers, to delete
 
 
 def _count(delta: int) -> None:
@@ -122,19 +124,22 @@ class ConnectionThreads:
         _count(1)
 
     def release(self) -> int:
-        """Deletes the states of workers that have ended (call from close(), GIL held);
-        returns how many are left because their thread still runs."""
-        left = {}
-        for ident, pinned in self.states.items():
-            if pinned is None:
-                continue  # the connection thread: close() releases its own pin
-            tid, state = pinned
-            # nbdkit joins the workers before close(); /proc is a second opinion
-            if not _CAN_DELETE_OTHER_STATES or os.path.exists(f"/proc/self/task/{tid}"):
-                left[ident] = pinned
-                continue
-            _clear(state)
-            _delete(state)
-            _count(-1)
-        self.states = left
+        """Deletes the states of workers that have ended (call from close(), GIL held).
+        A worker joined a moment ago may still show in /proc: its state waits in a list
+        that every later close() tries again, so none is lost for good. Returns how many
+        states wait, this connection's and earlier ones'."""
+        global held
+        with _lock:
+            waiting = _orphans + [p for p in self.states.values() if p is not None]
+            self.states = {}
+            left = []
+            for tid, state in waiting:
+                # nbdkit joins the workers before close(); /proc is a second opinion
+                if not _CAN_DELETE_OTHER_STATES or os.path.exists(f"/proc/self/task/{tid}"):
+                    left.append((tid, state))
+                    continue
+                _clear(state)
+                _delete(state)
+                held -= 1
+            _orphans[:] = left
         return len(left)
