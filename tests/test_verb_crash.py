@@ -32,7 +32,7 @@ from plugin.verbs import handle
 LONG = bool(os.environ.get("BTT_LONG"))
 AREA = 128 * 1024
 PMEM = 96 * MiB
-POWER_STATES = 400 if LONG else 40  # random power-loss states per verb, beyond the prefixes
+POWER_STATES = 500 if LONG else 40  # random power-loss states per verb, beyond the prefixes
 TORN_PER_WRITE = 20 if LONG else 4
 TOTAL = {"states": 0}
 
