@@ -236,9 +236,24 @@ def _open_journal(jpath: str, readonly: bool) -> Io:
         raise BttError(err, f"intent journal {jpath} is {what}; refusing to use it (remove "
                        "it if it is not yours)")
     try:
-        return Io.file(jpath, readonly=readonly, create=not readonly, mode=0o600)
+        io = Io.file(jpath, readonly=readonly, create=not readonly, mode=0o600)
     except BttError as e:  # raced with the check above: the C open refuses it too
         raise BttError(e.errno, f"intent journal: {e.strerror}") from None
+    # A journal someone else planted, or a hard link to a file of theirs, is not ours to
+    # write into or replay from, even as a regular file.
+    st = os.stat(jpath, follow_symlinks=False)
+    problem = None
+    if (st.st_dev, st.st_ino) != io.ident():
+        problem = "was replaced while it was being opened"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to this server's uid {os.geteuid()}"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} hard links"
+    if problem:
+        io.close()
+        raise BttError(_errno.EPERM, f"intent journal {jpath} {problem}; refusing to use it "
+                       "(remove it if it is not yours)")
+    return io
 
 
 def _remove_journal(jpath: str, ident) -> None:

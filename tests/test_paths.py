@@ -143,3 +143,27 @@ def test_server_resolves_a_region_link_it_was_given(tmp_path, region):
         h.shutdown()
     with Btt.open(region) as b:
         assert b.read(0, 1) == pattern(2, 0, 4096)
+
+
+@pytest.mark.parametrize("kind", ["another user's file", "a hard link"])
+def test_a_planted_journal_is_refused_and_left_alone(region, victim, kind):
+    """A regular file at the journal path that the server did not make for itself: one
+    owned by another uid, or a hard link to someone's file. Neither is written to nor
+    replayed from."""
+    journal = region + ".journal"
+    if kind == "a hard link":
+        os.link(victim, journal)
+        expected = "2 hard links"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a file to another uid")
+        with open(journal, "wb") as f:
+            f.write(b"planted\n")
+        os.chown(journal, 65534, 65534)
+        expected = "belongs to uid 65534"
+    for readonly in (False, True):
+        with pytest.raises(BttError) as e:
+            Btt.open(region, readonly=readonly)
+        assert e.value.errno == errno.EPERM and expected in str(e.value)
+    assert victim.read_bytes() == b"precious contents\n"
+    assert os.path.exists(journal)
