@@ -2,7 +2,11 @@
 checked against what pread returns over random write / zero / trim sequences (hypothesis),
 on sector exports with zero-flag=on (512- and 4096-byte sectors) and on raw exports;
 REQ_ONE; a fresh namespace is one hole; nbdinfo --map shows the holes."""
+import errno
+import os
 import subprocess
+import sys
+import time
 
 import hypothesis.strategies as st
 import pytest
@@ -10,7 +14,7 @@ from hypothesis import given, settings
 
 from btt_core import Btt
 from conftest import MiB, pattern
-from nbd_helpers import ENV, Server
+from nbd_helpers import ENV, ROOT, Server
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e
@@ -159,3 +163,28 @@ def test_a_fresh_export_is_one_hole_and_nbdinfo_maps_it(tmp_path, mode):
     assert rows[4][:1] + rows[4][2:] == (MiB + 32 * 4096, HOLE), out
     assert rows[-1][0] + rows[-1][1] == size and len(rows) <= 6, out
     assert "hole,zero" in out
+
+
+@pytest.mark.parametrize("mode", ["sector4096", "raw"])
+def test_a_forced_disable_fails_block_status_in_one_line(tmp_path, mode):
+    """After `disable-namespace --force` the connected client's block status fails with
+    ESHUTDOWN (the call guard), and the log says so in one line, no traceback."""
+    region = make_region(str(tmp_path / "region.img"), mode)
+    ctl = str(tmp_path / "ctl.sock")
+    with Server(tmp_path, [region], f"control={ctl}") as s:
+        for _ in range(100):
+            if os.path.exists(ctl):
+                break
+            time.sleep(0.05)
+        h = connect(s)
+        assert block_status(h, 0, 4096)[0][2] == HOLE
+        p = subprocess.run([sys.executable, "-m", "plugin.cli", "disable-namespace",
+                            "namespace0.0", "--force", "--control", ctl], capture_output=True,
+                           text=True, env=dict(ENV, PYTHONPATH=ROOT))
+        assert p.returncode == 0, p.stderr
+        with pytest.raises(nbd.Error) as e:
+            block_status(h, 0, 4096)
+        assert e.value.errnum == errno.ESHUTDOWN
+        h.shutdown()
+        log = s.output()
+    assert "ESHUTDOWN" in log and "Traceback" not in log, log[-2000:]
