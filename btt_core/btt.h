@@ -193,6 +193,21 @@ int btt_flush(struct btt *b);
 #define BTT_MAX_REQUEST 33554432u
 int btt_pread(struct btt *b, void *buf, uint64_t len, uint64_t off);
 int btt_pwrite(struct btt *b, const void *buf, uint64_t len, uint64_t off, int flags);
+/* Block status (NBD's base:allocation): what bytes [off, off+len) read as, in at most
+ * `max` extents written to out[0..*n), ascending and contiguous from `off` (the first starts
+ * exactly there; the last ends at off+len or earlier when `max` ran out: a partial answer).
+ * BTT_EXTENT_HOLE means every byte of the extent reads as zeros (the map's Z flag, or a
+ * block that is a hole in the file); type 0 may be anything. Holes are never claimed for
+ * bytes that may read otherwise, so a copy that skips them loses nothing. The time taken
+ * grows with the extents found and the map pages written, not with len. */
+struct btt_extent {
+	uint64_t offset, length;
+	uint32_t type;
+};
+/* NBD_STATE_HOLE | NBD_STATE_ZERO, so servers pass it through */
+#define BTT_EXTENT_HOLE 3
+int btt_block_status(struct btt *b, uint64_t off, uint64_t len, struct btt_extent *out,
+		     uint32_t max, uint32_t *n);
 /* Group mode: commit staged writes at least every interval_ms from a background thread. */
 int btt_start_timer(struct btt *b, unsigned interval_ms);
 
@@ -233,6 +248,10 @@ int btt_raw_pread(struct btt_raw *r, void *buf, uint64_t len, uint64_t off);
 int btt_raw_pwrite(struct btt_raw *r, const void *buf, uint64_t len, uint64_t off, int flags);
 int btt_raw_zero(struct btt_raw *r, uint64_t len, uint64_t off, int flags);
 int btt_raw_flush(struct btt_raw *r);
+/* Block status as btt_block_status, from the file's holes (SEEK_DATA/SEEK_HOLE), shrunk to
+ * whole blocks of the export. */
+int btt_raw_block_status(struct btt_raw *r, uint64_t off, uint64_t len, struct btt_extent *out,
+			 uint32_t max, uint32_t *n);
 int btt_raw_shutdown(struct btt_raw *r);
 void btt_raw_free(struct btt_raw *r);
 

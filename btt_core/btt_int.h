@@ -178,6 +178,15 @@ static inline uint32_t map_resolve(uint32_t entry, uint32_t premap)
 
 int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry);
 
+/* A block-status answer being built (btt.c, raw.c): extents of the caller's array. */
+struct extent_list {
+	struct btt_extent *v;
+	uint32_t n, max;
+	bool full; /* an extent did not fit: the answer ends where the last one does */
+};
+bool extent_add(struct extent_list *l, uint64_t offset, uint64_t length, uint32_t type);
+void extents_clip(struct extent_list *l, uint64_t off, uint64_t len);
+
 /* Shared with the offline checker (check.c): the same validation the I/O path trusts. */
 extern const uint8_t BTT_SIG[16];
 extern const uint32_t seq_next[4];

@@ -217,6 +217,23 @@ def _server_io(ptr, c_pread=lib.btt_pread, c_pwrite=lib.btt_pwrite):
     return pread, pwrite
 
 
+MAX_EXTENTS = 1024  # extents per block-status answer; a client asks again for the rest
+
+
+def _block_status(ptr, c_call=lib.btt_block_status):
+    """block_status(offset, length, max_extents) -> [(offset, length, type)]: what the bytes
+    read as, one C call (btt.h, btt_block_status). type is 0 (data) or lib.BTT_EXTENT_HOLE
+    (reads as zeros; NBD's HOLE|ZERO). The answer starts at offset and may stop short."""
+    def block_status(offset: int, length: int, max_extents: int = MAX_EXTENTS) -> list:
+        out, n = ffi.new("struct btt_extent[]", max_extents), ffi.new("uint32_t *")
+        rc = c_call(ptr, offset, length, out, max_extents, n)
+        if rc:
+            _check(rc)
+        return [(e.offset, e.length, e.type) for e in out[0:n[0]]]
+
+    return block_status
+
+
 def _journal_path(path, offset: int) -> str:
     path = os.fspath(path)
     return f"{path}.journal" if offset == 0 else f"{path}.journal.{offset}"
@@ -283,6 +300,7 @@ class Btt:
         # Byte-addressed I/O for servers, pread(buf, offset) / pwrite(buf, offset, fua):
         # C checks the alignment (EINVAL); the hot path is these two closures.
         self.pread, self.pwrite = _server_io(ptr)
+        self.block_status = _block_status(ptr)
         self.sector_size = lib.btt_sector_size(ptr)
         self.lbasize = lib.btt_lbasize(ptr)
         self.nlba = lib.btt_nlba(ptr)

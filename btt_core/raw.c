@@ -123,6 +123,66 @@ int btt_raw_flush(struct btt_raw *r)
 	return rc;
 }
 
+/* A file offset the backend answered for a position of this export, as an export offset
+ * in [pos, end]: "no more data" (UINT64_MAX) and answers past the request end become end. */
+static uint64_t export_pos(const struct btt_raw *r, uint64_t file_off, uint64_t pos, uint64_t end)
+{
+	uint64_t e = file_off < r->offset + pos ? pos : file_off - r->offset;
+
+	return e < end ? e : end;
+}
+
+/* Holes are those of the region file, shrunk to whole blocks of the export: the file
+ * system's own block may be smaller than the export's (or the namespace start unaligned
+ * to it), and a block partly in a hole is data. Two lseeks per extent at most. */
+static void raw_extents(struct btt_raw *r, uint64_t pos, uint64_t end, struct extent_list *l)
+{
+	struct btt_io *io = r->io;
+	uint64_t blk = r->block;
+
+	while (pos < end && !l->full) {
+		uint64_t data = export_pos(r, io->ops->next_data(io, r->offset + pos), pos, end);
+		uint64_t hole_end = data == end ? end : data / blk * blk, hole, next;
+
+		if (hole_end > pos) {
+			extent_add(l, pos, hole_end - pos, BTT_EXTENT_HOLE);
+			pos = hole_end;
+			continue;
+		}
+		/* data at pos, or a hole too short for a whole block: data up to the next
+		 * hole's first whole block, at least to the end of this block */
+		hole = export_pos(r, io->ops->next_hole(io, r->offset + pos), pos, end);
+		next = (hole + blk - 1) / blk * blk;
+		if (next <= pos)
+			next = pos / blk * blk + blk;
+		if (next > end)
+			next = end;
+		extent_add(l, pos, next - pos, 0);
+		pos = next;
+	}
+}
+
+int btt_raw_block_status(struct btt_raw *r, uint64_t off, uint64_t len, struct btt_extent *out,
+			 uint32_t max, uint32_t *n)
+{
+	struct extent_list l = {.v = out, .max = max};
+	int rc = guard_enter(&r->guard);
+
+	*n = 0;
+	if (rc)
+		return rc;
+	if (max == 0 || len == 0 || off > r->size || len > r->size - off) {
+		rc = seterr(EINVAL, "block status of [%llu, +%llu) in at most %u extents: outside "
+			    "the %llu-byte export, or empty", (unsigned long long)off,
+			    (unsigned long long)len, max, (unsigned long long)r->size);
+	} else {
+		raw_extents(r, off, off + len, &l);
+		*n = l.n;
+	}
+	guard_leave(&r->guard);
+	return rc;
+}
+
 int btt_raw_shutdown(struct btt_raw *r)
 {
 	if (!r || !guard_shut(&r->guard) || r->readonly)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ._btt_cffi import ffi, lib
-from .engine import _check, _server_io
+from .engine import _block_status, _check, _server_io
 
 
 class RawExport:
@@ -23,6 +23,7 @@ class RawExport:
         self._ptr = out[0]  # valid until __del__: late calls from other threads get ESHUTDOWN
         self.size = lib.btt_raw_size(self._ptr)
         self.pread, self.pwrite = _server_io(self._ptr, lib.btt_raw_pread, lib.btt_raw_pwrite)
+        self.block_status = _block_status(self._ptr, lib.btt_raw_block_status)
 
     def zero(self, offset: int, count: int, allocate: bool = False, fua: bool = False) -> None:
         """A punched hole; `allocate` gives it storage again (NBD's NO_HOLE)."""

@@ -55,6 +55,7 @@ class RawBackend:
         self.uuid = ""
         self.zero_flag = False
         self.pread, self.pwrite = self.raw.pread, self.raw.pwrite  # the hot path
+        self.block_status = self.raw.block_status  # the file's holes, in whole blocks
 
     def flush(self) -> None:
         self.raw.flush()
@@ -88,6 +89,7 @@ class SectorBackend:
         self.uuid = self.btt.uuid
         self.pread = self.btt.pread  # bound once: the hot path is one C call
         self.pwrite = self.btt.pwrite
+        self.block_status = self.btt.block_status  # Z entries and unwritten blocks are holes
 
     def flush(self) -> None:
         self.btt.flush()

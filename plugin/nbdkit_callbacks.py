@@ -15,6 +15,7 @@ import traceback
 
 import nbdkit
 
+from btt_core.engine import MAX_EXTENTS
 from plugin.backends import MAX_REQUEST
 from plugin.namespaces import Registry, lock_region
 from plugin.paths import clear_socket_path
@@ -25,8 +26,8 @@ API_VERSION = 2
 __all__ = ["API_VERSION", "config", "config_complete", "thread_model", "get_ready", "after_fork",
            "cleanup", "list_exports", "default_export", "open", "close", "export_description",
            "get_size", "block_size", "is_rotational", "can_write", "can_flush", "can_fua",
-           "can_zero", "can_fast_zero", "can_trim", "can_multi_conn", "pread", "pwrite", "flush",
-           "zero", "trim"]
+           "can_zero", "can_fast_zero", "can_trim", "can_extents", "can_multi_conn", "pread",
+           "pwrite", "flush", "zero", "trim", "extents"]
 
 THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
@@ -315,6 +316,12 @@ def can_trim(h):
     return b.mode == "raw" or b.zero_flag
 
 
+def can_extents(h):
+    # base:allocation: holes are reported only where a read is sure to return zeros
+    # (btt.c, "block status"; raw.c for raw exports).
+    return True
+
+
 def can_multi_conn(h):
     # One engine per namespace per process: a flush on any connection commits them all.
     return True
@@ -359,5 +366,15 @@ def zero(h, count, offset, flags):
 def trim(h, count, offset, flags):
     try:
         h.backend.zero(count, offset, True, bool(flags & nbdkit.FLAG_FUA))
+    except OSError as e:
+        raise _error(e)
+
+
+def extents(h, count, offset, flags):
+    # One C call; a partial answer (at most MAX_EXTENTS, one under REQ_ONE) is what NBD
+    # allows, and the client asks again from where it ends.
+    try:
+        return h.backend.block_status(offset, count,
+                                      1 if flags & nbdkit.FLAG_REQ_ONE else MAX_EXTENTS)
     except OSError as e:
         raise _error(e)

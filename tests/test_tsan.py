@@ -75,3 +75,13 @@ def test_concurrency_tests_are_free_of_data_races(tsan_build, tmp_path):
     assert "ThreadSanitizer" not in p.stderr, report
     assert p.returncode == 0, report
     assert " passed" in p.stdout, report
+
+
+def test_block_status_racing_commits_is_free_of_data_races(tsan_build, tmp_path):
+    """Block status reads the stage tables and hole bitmaps while writers and the
+    committer change them (btt.c, "block status")."""
+    p = under_tsan(tsan_build, tmp_path, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                   "-o", "addopts=", os.path.join(HERE, "test_extents.py"), "-k",
+                   "concurrent_commits or while_a_commit_runs")
+    report = p.stdout[-3000:] + p.stderr[-6000:]
+    assert p.returncode == 0 and "ThreadSanitizer" not in p.stderr, report

@@ -17,11 +17,12 @@ measured after four other servers, was mostly read from the disk.
 
 Our servers run as `bttctl serve` starts them (the default thread model, serialize_requests:
 every connection at once); `ours-btt-none-serialize_all` is the model before issue 13. A noisy-neighbour
-run (two namespaces of one server, one reading, one writing with fsync) closes the run.
+run (two namespaces of one server, one reading, one writing with fsync) and a sparse copy
+(nbdcopy of a 1 TiB namespace holding 1 GiB, with block status and without) close the run.
 
 Usage: tools/bench.py [--runtime S] [--repeat N] [--rounds N] [--quick] [--only SERVER,...]
                       [--jobs JOB,...] [--no-tmpfs] [--no-disk] [--no-scale] [--no-neighbour]
-                      [--plugin PATH]
+                      [--no-sparse] [--sparse-cap S] [--plugin PATH]
 """
 from __future__ import annotations
 
@@ -322,6 +323,61 @@ def scale(args) -> dict:
     return out
 
 
+SPARSE_SIZE, SPARSE_DATA = 1 << 40, 1 << 30
+
+
+def _stats_read_bytes(path: str) -> int:
+    """Bytes clients read, from nbdkit's stats filter ("read: N ops, T s, 1.00 GiB, ...")."""
+    units = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("read:"):
+                value, unit = line.split(",")[2].split()
+                return round(float(value) * units[unit])
+    return 0
+
+
+def sparse_copy(args) -> dict:
+    """Issue 15: nbdcopy to null: of a 1 TiB BTT namespace holding 1 GiB (eight 128 MiB
+    runs), served with block status and with it disabled (nbdkit's noextents filter). The
+    copy without it reads every byte of the terabyte: it is stopped after --sparse-cap
+    seconds and its time projected from the bytes it read by then."""
+    sys.path.insert(0, ROOT)
+    from btt_core import Btt
+    out = {}
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
+        img, sock, stats = (os.path.join(d, n) for n in ("sparse.img", "s.sock", "stats.txt"))
+        b = Btt.create(img, size=SPARSE_SIZE, durability="none")
+        chunk, run = os.urandom(32 << 20), SPARSE_DATA // 8
+        step = b.size // 8 // run * run
+        for i in range(8):
+            for k in range(0, run, len(chunk)):
+                b.pwrite(chunk, i * step + k)
+        b.close()
+        for label, filters in (("extents", []), ("no extents", ["--filter=noextents"])):
+            p = start(["nbdkit", "--foreground", "--unix", sock, "--filter=stats", *filters,
+                       "python", args.plugin, f"region={img}", "durability=none",
+                       f"statsfile={stats}"], sock)
+            t = time.perf_counter()
+            try:
+                subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"], env=ENV,
+                               check=True, capture_output=True, timeout=args.sparse_cap)
+                done = True
+            except subprocess.TimeoutExpired:
+                done = False
+            elapsed = time.perf_counter() - t
+            stop(p)
+            read = _stats_read_bytes(stats)
+            out[label] = {"finished": done, "seconds": round(elapsed, 2), "bytes_read": read,
+                          "seconds_projected": round(elapsed if done else
+                                                     elapsed * SPARSE_SIZE / max(read, 1), 2)}
+            print(f"  [sparse copy] {label}: {out[label]}", file=sys.stderr)
+    on, off = out["extents"], out["no extents"]
+    out["read_ratio"] = round(on["bytes_read"] / SPARSE_SIZE, 5)
+    out["time_ratio"] = round(on["seconds_projected"] / max(off["seconds_projected"], 1e-9), 4)
+    return out
+
+
 def ratio(results, server, ref, job, key="iops"):
     try:
         return results[server][job][key] / results[ref][job][key]
@@ -330,7 +386,7 @@ def ratio(results, server, ref, job, key="iops"):
 
 
 def markdown(all_results: dict, scale_res: dict | None, args,
-             neighbour_res: dict | None = None) -> str:
+             neighbour_res: dict | None = None, sparse_res: dict | None = None) -> str:
     lines = ["# Benchmarks", "",
              f"Latest `make bench` run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, "
@@ -415,6 +471,20 @@ def markdown(all_results: dict, scale_res: dict | None, args,
                          f"{r['randread_4k_qd16_iops']} |")
         lines += ["", f"IOPS ratio 1 TiB / 1 GiB: {scale_res['iops_ratio_1TiB_vs_1GiB']} "
                   "(target: within 10%)", ""]
+    if sparse_res:
+        on, off = sparse_res["extents"], sparse_res["no extents"]
+        lines += ["## Sparse copy: block status (issue 15; disk-backed, durability none)", "",
+                  "`nbdcopy URI null:` of a 1 TiB BTT namespace holding 1 GiB. Without block "
+                  "status (nbdkit's noextents filter) the copy reads the whole terabyte; it "
+                  f"is stopped after {args.sparse_cap:g} s and its time projected from what "
+                  "it read.", "",
+                  "| served | bytes read | time (s) |", "|---|---|---|",
+                  f"| with block status | {on['bytes_read'] / (1 << 30):.2f} GiB | "
+                  f"{on['seconds']} |",
+                  f"| without (noextents) | {off['bytes_read'] / (1 << 30):.2f} GiB in "
+                  f"{off['seconds']} s | {off['seconds_projected']} (projected) |", "",
+                  f"Bytes read with block status / namespace size: {sparse_res['read_ratio']}; "
+                  f"time ratio: {sparse_res['time_ratio']}.", ""]
     json_name, png_name = (args.name, args.name) if args.name else ("latest", "chart")
     chart_note = f"; chart: `docs/bench/{png_name}.png`" if all_results else ""
     lines += [f"Raw data: `docs/bench/{json_name}.json`{chart_note}.", ""]
@@ -478,6 +548,9 @@ def main():
     ap.add_argument("--no-disk", action="store_true")
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--no-neighbour", action="store_true")
+    ap.add_argument("--no-sparse", action="store_true", help="skip the sparse-copy run")
+    ap.add_argument("--sparse-cap", type=float, default=30,
+                    help="seconds the copy without block status may run before it is projected")
     ap.add_argument("--threadmodel", default="serialize_all")
     ap.add_argument("--disk-dir", default=os.path.join(ROOT, "var"))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
@@ -487,7 +560,8 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.runtime, args.no_disk, args.no_scale, args.no_neighbour = 2, True, True, True
-    for tool in ("nbdkit", "fio", "qemu-nbd"):
+        args.no_sparse = True
+    for tool in ("nbdkit", "fio", "qemu-nbd", "nbdcopy"):
         if not shutil.which(tool, path=ENV["PATH"]):
             sys.exit(f"bench: {tool} is not installed (make deps)")
     os.makedirs(args.disk_dir, exist_ok=True)
@@ -502,19 +576,21 @@ def main():
             all_results["disk"] = run_matrix("disk", d, args)
     scale_res = None if args.no_scale else scale(args)
     neighbour_res = None if args.no_neighbour else neighbour(args)
+    sparse_res = None if args.no_sparse else sparse_copy(args)
     partial = bool(args.jobs or args.only or args.no_tmpfs or args.no_disk or args.no_scale
-                   or args.no_neighbour)
+                   or args.no_neighbour or args.no_sparse)
     name = args.name = args.name or ("partial" if partial else None)  # never over the full run
     bench_dir = os.path.join(args.out, "bench")
     os.makedirs(bench_dir, exist_ok=True)
     with open(os.path.join(bench_dir, f"{name or 'latest'}.json"), "w") as f:
         json.dump({"results": all_results, "scale": scale_res, "neighbour": neighbour_res,
+                   "sparse_copy": sparse_res,
                    "runtime": args.runtime,
                    "repeat": args.repeat, "rounds": args.rounds, "threadmodel": args.threadmodel,
                    "jobs": args.jobs or list(JOBS)}, f, indent=2)
     if all_results:
         chart(all_results, os.path.join(bench_dir, f"{name or 'chart'}.png"))
-    md = markdown(all_results, scale_res, args, neighbour_res)
+    md = markdown(all_results, scale_res, args, neighbour_res, sparse_res)
     with open(os.path.join(bench_dir, f"{name}.md") if name else
               os.path.join(args.out, "benchmarks.md"), "w") as f:
         f.write(md)
