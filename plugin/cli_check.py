@@ -15,10 +15,10 @@ import os
 import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
-from plugin.cli_namespace import default_control, where_args
+from plugin.cli_namespace import EXIT_REFUSED, EXIT_USAGE, default_control, refused, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
-EXIT_REFUSED, EXIT_USAGE, EXIT_IO = 1, 64, 74
+EXIT_IO = 74
 
 
 def register(subparsers) -> None:
@@ -95,16 +95,6 @@ def _fail(e: BttError) -> int:
     return EXIT_IO
 
 
-def _refused(e: OSError) -> int:
-    """A namespace or file that cannot be had: one line naming the errno; EBUSY (in use)
-    is a refusal, exit 1, as in every other verb; the rest (no server, no such namespace)
-    usage errors."""
-    from plugin.cli_namespace import error_text
-    print(f"bttctl: {error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
-          file=sys.stderr)
-    return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
-
-
 def _served(args, lock: bool = True):
     """TARGET names a namespace of a running server (or, with --region, of a region file):
     where it lives, and its state."""
@@ -133,7 +123,7 @@ def _check_offline_namespace(args) -> int:
             args.target, args.offset, args.size = ns["path"], ns["offset"], ns["raw_size"]
             return _check_file(args, locked=True)
     except OSError as e:  # a served file is locked (EBUSY), or no such namespace
-        return _refused(e)
+        return refused(e)
 
 
 def _check_served(args) -> int:
@@ -141,14 +131,14 @@ def _check_served(args) -> int:
     try:
         ns = _served(args)
     except OSError as e:
-        return _refused(e)
+        return refused(e)
     control = args.control or default_control()
     enabled = ns["state"] == "enabled"
     if enabled and not args.force:
-        return _refused(OSError(errno.EBUSY, f"{args.target} is enabled: disable it first "
+        return refused(OSError(errno.EBUSY, f"{args.target} is enabled: disable it first "
                                 f"(bttctl disable-namespace {args.target}) or use --force"))
     if enabled and ns.get("clients"):
-        return _refused(OSError(errno.EBUSY, f"{args.target} has {ns['clients']} connected "
+        return refused(OSError(errno.EBUSY, f"{args.target} has {ns['clients']} connected "
                                 "NBD client(s): disconnect them, or cut them off with "
                                 "disable-namespace --force first"))
     if enabled:

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from plugin.control import error_reply, request
+from plugin.control import error_reply, error_text, request
 from plugin.paths import socket_ident
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
@@ -127,11 +127,6 @@ def where_args(p, region_help: str) -> None:
                        default=None, help=region_help)
 
 
-def error_text(err_name: str, text: str) -> str:
-    """'EBUSY: text', unless the text already starts with the errno's name."""
-    return text if text.startswith(err_name) else f"{err_name}: {text}"
-
-
 def _create_request(a) -> dict:
     req = {"op": "create-namespace", "force": a.force}
     for key, value in (("mode", a.mode), ("sector_size", a.sector_size), ("size", a.size),
@@ -216,6 +211,15 @@ def run(args, req: dict, lock: bool = True) -> dict:
     return call(args.control, req)
 
 
+def refused(e: OSError) -> int:
+    """A server, file or namespace that cannot be had, in one line naming the errno; the
+    exit status: EBUSY (in use) is a refusal, the rest (no server, no such namespace or
+    file) usage errors."""
+    print(f"bttctl: {error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
+          file=sys.stderr)
+    return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
+
+
 OFFLINE_REFUSED = ("enable-namespace", "disable-namespace")
 
 
@@ -233,9 +237,7 @@ def _run(args) -> int:
     try:
         reply = run(args, req)
     except OSError as e:  # no server, no such file, or the region file is locked
-        print(f"bttctl: {error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
-              file=sys.stderr)
-        return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
+        return refused(e)
     if not reply.get("ok"):
         print(f"bttctl {req['op']}: {error_text(reply.get('errno', ''), reply.get('error', ''))}",
               file=sys.stderr)

@@ -39,6 +39,12 @@ class ControlError(Exception):
         self.errno = err
 
 
+def error_text(err_name: str, text: str) -> str:
+    """'EBUSY: text', unless the text already starts with the errno's name: how a refusal
+    reads in one line, in the CLI and in the server's log alike."""
+    return text if text.startswith(err_name) else f"{err_name}: {text}"
+
+
 def error_reply(req_id, err: int, message: str) -> dict:
     return {"id": req_id, "ok": False, "errno": errno.errorcode.get(err, str(err)), "code": err,
             "error": message}

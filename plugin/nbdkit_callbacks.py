@@ -17,6 +17,7 @@ import nbdkit
 
 from btt_core.engine import MAX_EXTENTS
 from plugin.backends import MAX_REQUEST
+from plugin.control import error_text
 from plugin.namespaces import Registry, lock_region
 from plugin.paths import clear_socket_path
 from plugin.pythread import DEFAULT_THREAD_MODEL, ConnectionThreads, keep_thread_state
@@ -91,8 +92,7 @@ def _error(e: OSError) -> Refusal:
     a forced disable is the client's to handle, not a bug here."""
     err = e.errno or errno.EIO
     nbdkit.set_error(err)
-    name, text = errno.errorcode.get(err, "EIO"), e.strerror or str(e)
-    return Refusal(text if text.startswith(name) else f"{name}: {text}")
+    return Refusal(error_text(errno.errorcode.get(err, "EIO"), e.strerror or str(e)))
 
 
 # ---- configuration ------------------------------------------------------------------
