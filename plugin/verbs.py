@@ -173,7 +173,7 @@ def _refuse_taken_name(registry, name: str, ns=None) -> None:
                 continue
             if other.name == name or (other.configured and other.alt_name == name):
                 raise NdError(errno.EEXIST, f"the name {name!r} is taken by {other.name}"
-                              + (f" (its alt_name)" if other.name != name else "")
+                              + (" (its alt_name)" if other.name != name else "")
                               + "; choose another --name")
         for btt in region.btts.values():
             if btt.name == name:

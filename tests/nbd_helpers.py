@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -20,21 +21,32 @@ class Server:
                      *(["-r"] if readonly else []), *extra, "python", ENTRY,
                      *[f"region={r}" for r in regions], *params]
         self.proc = None
+        # With control=PATH, start() also waits until the control socket answers.
+        self.ctl = next((p.split("=", 1)[1] for p in params if str(p).startswith("control=")),
+                        None)
 
     def uri(self, export="namespace0.0"):
         return f"nbd+unix:///{export}?socket={self.sock}"
 
-    def start(self, timeout=30):
+    def start(self, timeout=30, control_timeout=15):
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.logf, stderr=self.logf)
-        deadline = time.time() + timeout
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"nbdkit did not start: {self.output()[-3000:]}")
-            time.sleep(0.05)
+        self._wait_for(lambda: os.path.exists(self.sock), timeout, "nbdkit did not start")
+        if self.ctl:
+            # The plugin binds its control socket after nbdkit's, and a path that exists may
+            # not listen yet: wait for a connection to be taken.
+            self._wait_for(lambda: _answers(self.ctl), control_timeout,
+                           "the control socket did not answer")
         return self
+
+    def _wait_for(self, ready, timeout, what):
+        deadline = time.time() + timeout
+        while not ready():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{what}: {self.output()[-3000:]}")
+            time.sleep(0.02)
 
     def output(self):
         with open(self.log, errors="replace") as f:
@@ -60,6 +72,15 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def connect(server, export="namespace0.0", strict=True):

@@ -39,11 +39,6 @@ def served(tmp_path):
     Btt.create(region, size=64 * MiB).close()
     ctl = str(tmp_path / "ctl.sock")
     with Server(tmp_path, [region], f"control={ctl}") as s:
-        for _ in range(100):
-            if os.path.exists(ctl):
-                break
-            import time
-            time.sleep(0.05)
         yield s, ctl, region
 
 

@@ -29,11 +29,8 @@ def serve(tmp_path, namespaces):
         p = bttctl("create-namespace", "--region", region, "-m", mode, "-s", "48M", "-n", name)
         assert p.returncode == 0, p.stderr
     ctl = str(tmp_path / "ctl.sock")
-    s = Server(tmp_path, [region], f"control={ctl}", "durability=group").start()
-    deadline = time.time() + 10
-    while not os.path.exists(ctl):
-        assert time.time() < deadline, s.output()[-2000:]
-        time.sleep(0.02)
+    s = Server(tmp_path, [region], f"control={ctl}", "durability=group").start(
+        control_timeout=10)
     return s, Ctl(ctl), region
 
 

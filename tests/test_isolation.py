@@ -73,11 +73,6 @@ def neighbour_reads(tmp_path, slow_sync, threadmodel, blocker):
            "SLOW_SYNC_FLAG": str(flag)}
     with Server(tmp_path, [a, b], "durability=group", f"threadmodel={threadmodel}",
                 f"control={ctl}", env=env) as s:
-        s.ctl = ctl
-        for _ in range(100):
-            if os.path.exists(ctl):
-                break
-            time.sleep(0.05)
         ha, hb = connect(s, "namespace0.0"), connect(s, "namespace1.0")
         ha.pwrite(b"a" * 4096, 0)
         hb.pwrite(b"b" * 4096, 0)

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -89,12 +88,7 @@ def assert_cut_off(h):
 
 
 def start(tmp_path, region, ctl):
-    s = Server(tmp_path, [region], f"control={ctl}").start()
-    deadline = time.time() + 10
-    while not os.path.exists(ctl):
-        assert time.time() < deadline, s.output()[-2000:]
-        time.sleep(0.02)
-    return s
+    return Server(tmp_path, [region], f"control={ctl}").start(control_timeout=10)
 
 
 @pytest.fixture
