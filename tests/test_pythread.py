@@ -83,6 +83,17 @@ def _mmaps_during(pid: int, work, out) -> int:
     return sum(int(row[3]) for row in rows)
 
 
+def _still_serving(s) -> None:
+    h = connect(s)
+    assert h.pread(4096, 0) == b"y" * 4096
+    h.shutdown()
+    assert s.proc.poll() is None
+
+
+def _no_crash_in(log: str) -> None:
+    assert "Fatal Python error" not in log and "Traceback" not in log, log[-2000:]
+
+
 def _region(tmp_path) -> str:
     region = str(tmp_path / "region.img")
     Btt.create(region, size=32 * MiB).close()
@@ -121,12 +132,8 @@ def test_requests_reuse_the_connection_thread_state(tmp_path):
             assert h.pread(4096, 0) == b"y" * 4096
         for h in handles:
             h.shutdown()
-        h = connect(s)
-        assert h.pread(4096, 0) == b"y" * 4096
-        h.shutdown()
-        assert s.proc.poll() is None
-    log = s.output()
-    assert "Fatal Python error" not in log and "Traceback" not in log, log[-2000:]
+        _still_serving(s)
+    _no_crash_in(s.output())
 
 
 def _rss_kib(pid: int) -> int:
@@ -162,9 +169,5 @@ def test_parallel_workers_keep_their_thread_states_and_give_them_back(tmp_path, 
         churn(80)  # 320 connections: leaked worker states grow the RSS by about 3.5 MiB
         grown = _rss_kib(s.proc.pid) - before
         assert grown < 1536, f"server RSS grew by {grown} KiB over 320 connections"
-        h = connect(s)
-        assert h.pread(4096, 0) == b"y" * 4096
-        h.shutdown()
-        assert s.proc.poll() is None
-    log = s.output()
-    assert "Fatal Python error" not in log and "Traceback" not in log, log[-2000:]
+        _still_serving(s)
+    _no_crash_in(s.output())
