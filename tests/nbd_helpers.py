@@ -22,8 +22,8 @@ class Server:
                      *[f"region={r}" for r in regions], *params]
         self.proc = None
         # With control=PATH, start() also waits until the control socket answers.
-        self.ctl = next((p.split("=", 1)[1] for p in params if str(p).startswith("control=")),
-                        None)
+        self.control = next((p.split("=", 1)[1] for p in params
+                             if str(p).startswith("control=")), None)
 
     def uri(self, export="namespace0.0"):
         return f"nbd+unix:///{export}?socket={self.sock}"
@@ -34,10 +34,10 @@ class Server:
         self.logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.logf, stderr=self.logf)
         self._wait_for(lambda: os.path.exists(self.sock), timeout, "nbdkit did not start")
-        if self.ctl:
+        if self.control:
             # The plugin binds its control socket after nbdkit's, and a path that exists may
             # not listen yet: wait for a connection to be taken.
-            self._wait_for(lambda: _answers(self.ctl), control_timeout,
+            self._wait_for(lambda: _answers(self.control), control_timeout,
                            "the control socket did not answer")
         return self
 

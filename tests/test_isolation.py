@@ -54,7 +54,7 @@ def _fua_zeroes(s, hb):
 
 def _forced_check(s, hb):
     hb.shutdown()  # a forced check still refuses (EBUSY) while clients are connected
-    r = bttctl("check-namespace", "--control", s.ctl, "--force", "namespace1.0")
+    r = bttctl("check-namespace", "--control", s.control, "--force", "namespace1.0")
     assert r.returncode == 0, r.stderr
 
 
