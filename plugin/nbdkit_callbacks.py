@@ -17,9 +17,10 @@ import nbdkit
 
 from btt_core.engine import MAX_EXTENTS
 from plugin.backends import MAX_REQUEST
-from plugin.control import error_text
-from plugin.namespaces import Registry, lock_region
-from plugin.paths import clear_socket_path
+from control.server import error_text
+from nvdimm.regionfile import lock_region
+from plugin.exports import Registry
+from control.sockets import clear_socket_path
 from plugin.pythread import DEFAULT_THREAD_MODEL, ConnectionThreads, keep_thread_state
 
 API_VERSION = 2
@@ -213,8 +214,8 @@ def after_fork():
     for name, e in registry.sync():
         print(f"nbdkit-btt: {name} not served: {e}", file=sys.stderr)
     if settings["control"]:
-        from plugin.control import ControlServer
-        from plugin.verbs import handle
+        from control.server import ControlServer
+        from control.verbs import handle
         control_server = ControlServer(settings["control"], lambda req: handle(registry, req))
         try:
             control_server.start()

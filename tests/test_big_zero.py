@@ -16,7 +16,7 @@ import pytest
 from btt_core import Btt
 from conftest import MiB, pattern
 from nbd_helpers import Server, connect
-from plugin.control import request
+from control.server import request
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e

@@ -7,11 +7,11 @@ import pytest
 
 from btt_core import Btt
 from conftest import MiB, pattern
-from plugin import cli_check
+from bttctl import check as cli_check
 
 
 def bttctl(*args):
-    return subprocess.run([sys.executable, "-m", "plugin.cli_check", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bttctl.check", *args], capture_output=True,
                           text=True)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from plugin.control import ControlError, ControlServer, private_socket_dir, request
+from control.server import ControlError, ControlServer, private_socket_dir, request
 
 
 class Counter:
@@ -269,7 +269,7 @@ def test_an_unencodable_reply_is_an_error_reply_not_a_dead_thread(server):
 def test_a_live_socket_with_a_full_backlog_is_not_stale(tmp_path):
     """A listener that is too busy to accept (its backlog full: connect says EAGAIN) is a
     live server; only a refused connection makes a socket stale."""
-    from plugin.paths import clear_socket_path
+    from control.sockets import clear_socket_path
     path = str(tmp_path / "busy.sock")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)

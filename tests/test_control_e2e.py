@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bttctl(*args):
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bttctl.main", *args], capture_output=True,
                           text=True, env=dict(ENV, PYTHONPATH=ROOT))
 
 
@@ -117,7 +117,7 @@ def test_socket_abuse_leaves_server_and_state_intact(served):
     import socket
     import threading
 
-    from plugin.control import request
+    from control.server import request
     s, ctl, region = served
     before = request(ctl, {"op": "list", "idle": True})["result"]
     rng = random.Random(8)

@@ -172,7 +172,7 @@ def test_a_forced_disable_fails_block_status_in_one_line(tmp_path, mode):
     with Server(tmp_path, [region], f"control={ctl}") as s:
         h = connect(s)
         assert block_status(h, 0, 4096)[0][2] == HOLE
-        p = subprocess.run([sys.executable, "-m", "plugin.cli", "disable-namespace",
+        p = subprocess.run([sys.executable, "-m", "bttctl.main", "disable-namespace",
                             "namespace0.0", "--force", "--control", ctl], capture_output=True,
                            text=True, env=dict(ENV, PYTHONPATH=ROOT))
         assert p.returncode == 0, p.stderr

@@ -36,7 +36,7 @@ def slow_sync(tmp_path_factory):
 
 
 def bttctl(*args):
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bttctl.main", *args], capture_output=True,
                           text=True, env=dict(ENV, PYTHONPATH=ROOT))
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin.labels import (CLAIM_CLASS_GUIDS, PMEM_TYPE_GUID, LabelArea, LabelError,
+from nvdimm.labels import (CLAIM_CLASS_GUIDS, PMEM_TYPE_GUID, LabelArea, LabelError,
                            MemoryMedium, NamespaceLabel, area_geometry, current_index,
                            fletcher64, pack_index, pack_label, qemu_cookies, unpack_index)
 

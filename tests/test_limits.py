@@ -126,7 +126,7 @@ def test_serve_passes_max_connections(tmp_path, region):
     import sys
     from nbd_helpers import ENV, ROOT
     sock = str(tmp_path / "s.sock")
-    p = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--region", region,
+    p = subprocess.Popen([sys.executable, "-m", "bttctl.main", "serve", "--region", region,
                           "--socket", sock, "--max-connections", "2"], cwd=tmp_path,
                          env=dict(ENV, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)

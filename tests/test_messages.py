@@ -8,11 +8,11 @@ import pytest
 
 from conftest import MiB
 from nbd_helpers import ENV, ROOT, Server
-from plugin.cli_namespace import call_offline
-from plugin.control import request
-from plugin.labels import LabelArea
+from bttctl.namespace import call_offline
+from control.server import request
+from nvdimm.labels import LabelArea
 
-BTTCTL = [sys.executable, "-m", "plugin.cli"]
+BTTCTL = [sys.executable, "-m", "bttctl.main"]
 
 
 def bttctl(*args, cwd=None):

@@ -23,7 +23,7 @@ LIST_FIELDS = {"dev", "mode", "size", "uuid", "raw_uuid", "sector_size", "state"
 
 
 def bttctl(*args):
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bttctl.main", *args], capture_output=True,
                           text=True, env=dict(ENV, PYTHONPATH=ROOT))
 
 

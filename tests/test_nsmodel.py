@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-from plugin.labels import LabelArea, LabelError
-from plugin.nsmodel import (AreaStore, FileMedia, MemoryMedia, MemoryStore, NdError, NoLabels,
+from nvdimm.labels import LabelArea, LabelError
+from nvdimm.region import (AreaStore, FileMedia, MemoryMedia, MemoryStore, NdError, NoLabels,
                             Region, parse_bool, parse_u64, parse_uuid)
 
 MiB = 1 << 20

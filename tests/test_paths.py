@@ -11,7 +11,7 @@ import pytest
 from btt_core import Btt, BttError, Io
 from conftest import MiB, pattern
 from nbd_helpers import Server, connect
-from plugin.labels import FileMedium
+from nvdimm.labels import FileMedium
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_close_never_removes_a_swapped_journal_path(region, victim):
 
 
 def test_region_files_are_not_written_through_links(region, tmp_path):
-    from plugin.paths import open_for_writing
+    from nvdimm.files import open_for_writing
     link = str(tmp_path / "link.img")
     os.symlink(region, link)
     with pytest.raises(OSError) as e:

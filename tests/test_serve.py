@@ -12,7 +12,7 @@ import pytest
 from nbd_helpers import ENV
 
 pytestmark = pytest.mark.e2e
-BTTCTL = [sys.executable, "-m", "plugin.cli"]
+BTTCTL = [sys.executable, "-m", "bttctl.main"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -81,7 +81,7 @@ def test_help_for_every_verb():
 
 
 def test_serve_starts_the_control_socket(tmp_path):
-    from plugin.control import request
+    from control.server import request
     p, uri = start_serve(tmp_path)
     try:
         ctl = tmp_path / "var" / "nbd.ctl"

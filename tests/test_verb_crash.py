@@ -23,11 +23,11 @@ import pytest
 
 from btt_core import Btt, BttError, Io
 from conftest import MiB, pattern
-from plugin import verbs
-from plugin.labels import LabelArea
-from plugin.namespaces import Registry
-from plugin.nsmodel import AreaStore, IoMedia, Region
-from plugin.verbs import handle
+from control import verbs
+from nvdimm.labels import LabelArea
+from plugin.exports import Registry
+from nvdimm.region import AreaStore, IoMedia, Region
+from control.verbs import handle
 
 LONG = bool(os.environ.get("BTT_LONG"))
 AREA = 128 * 1024

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import MiB, pattern
 from nbd_helpers import Server, connect
-from plugin.control import request
-from plugin.labels import LabelArea
+from control.server import request
+from nvdimm.labels import LabelArea
 
 nbd = pytest.importorskip("nbd")
 pytestmark = [pytest.mark.e2e,

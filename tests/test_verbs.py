@@ -1,4 +1,4 @@
-"""The control API (plugin/verbs.py) without nbdkit: on region files offline, and on an
+"""The control API (control/verbs.py) without nbdkit: on region files offline, and on an
 in-memory region driven at random. What a server adds (exports, clients) is in
 test_namespace_e2e.py and test_control_e2e.py."""
 import errno
@@ -15,17 +15,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from btt_core import Btt, probe
 from conftest import MiB
-from plugin.cli_namespace import call_offline, offline
-from plugin.labels import LabelArea
-from plugin.namespaces import Registry
-from plugin.nsmodel import MemoryMedia, MemoryStore, NdError, Region
-from plugin.verbs import handle, parse_size
+from bttctl.namespace import call_offline, offline
+from nvdimm.labels import LabelArea
+from plugin.exports import Registry
+from nvdimm.region import MemoryMedia, MemoryStore, NdError, Region
+from control.verbs import handle, parse_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bttctl(*args):
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bttctl.main", *args], capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
@@ -193,7 +193,7 @@ def test_offline_cli_and_the_lock(region_file):
     assert p.returncode == 64  # argparse: invalid choice
     p = bttctl("check-namespace", "db", "--region", region_file)
     assert p.returncode == 0, p.stdout + p.stderr
-    from plugin.namespaces import lock_region
+    from nvdimm.regionfile import lock_region
     fd = lock_region(region_file)  # as a running server holds it
     try:
         p = bttctl("list", "--region", region_file)

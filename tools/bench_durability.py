@@ -60,7 +60,7 @@ def run_in_process(path, durability, qd, seconds):
 
 
 def run_nbd(path, durability, qd, seconds, workdir):
-    from plugin.control import request
+    from control.server import request
 
     sock, ctl = os.path.join(workdir, "s.sock"), os.path.join(workdir, "ctl.sock")
     p = bench.start(["nbdkit", "--foreground", "--unix", sock, "python", bench.PLUGIN,

@@ -21,7 +21,7 @@ import os
 import struct
 import uuid as uuidlib
 
-from plugin.paths import open_for_writing
+from nvdimm.files import open_for_writing
 
 INDEX_SIGNATURE = b"NAMESPACE_INDEX\0"
 INDEX_HEADER_SIZE = 72

@@ -15,7 +15,7 @@ import os
 import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
-from plugin.cli_namespace import EXIT_REFUSED, EXIT_USAGE, default_control, refused, where_args
+from bttctl.namespace import EXIT_REFUSED, EXIT_USAGE, default_control, refused, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
 EXIT_IO = 74
@@ -98,7 +98,7 @@ def _fail(e: BttError) -> int:
 def _served(args, lock: bool = True):
     """TARGET names a namespace of a running server (or, with --region, of a region file):
     where it lives, and its state."""
-    from plugin.cli_namespace import run
+    from bttctl.namespace import run
     return _pick(args, run(args, {"op": "list", "idle": True}, lock).get("result", []))
 
 
@@ -115,8 +115,8 @@ def _pick(args, listed: list[dict]) -> dict:
 
 def _check_offline_namespace(args) -> int:
     """check-namespace NS --region FILE: the file's lock is held for the whole check."""
-    from plugin.cli_namespace import offline
-    from plugin.verbs import handle
+    from bttctl.namespace import offline
+    from control.verbs import handle
     try:
         with offline(args.region_file) as registry:  # one lock and one read, for the whole check
             ns = _pick(args, handle(registry, {"op": "list", "idle": True}))
@@ -127,7 +127,7 @@ def _check_offline_namespace(args) -> int:
 
 
 def _check_served(args) -> int:
-    from plugin.cli_namespace import call
+    from bttctl.namespace import call
     try:
         ns = _served(args)
     except OSError as e:
@@ -186,7 +186,7 @@ def _check_file(args, locked: bool = False) -> int:
     lock = None
     if args.repair and not locked:
         # A repair must not race a server writing the same BTT (it holds this lock).
-        from plugin.namespaces import lock_region
+        from nvdimm.regionfile import lock_region
         try:
             lock = lock_region(args.target)
         except BttError as e:

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 
-from plugin.paths import clear_socket_path, socket_ident, unlink_if_same
+from control.sockets import clear_socket_path, socket_ident, unlink_if_same
 
 MAX_LINE = 64 * 1024
 REQUEST_TIMEOUT = 30.0  # from the first byte a request may take, to its newline
@@ -80,7 +80,7 @@ class ControlServer:
     def start(self) -> None:
         """Binds and starts accepting. Call after nbdkit has forked (threads die in a fork).
         A stale socket is replaced; a live one (another server's), or anything that is not
-        a socket, is refused and left alone (plugin/paths.py)."""
+        a socket, is refused and left alone (control/sockets.py)."""
         clear_socket_path(self.path, "control socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # born 0600: a chmod after bind would follow a swapped-in link

@@ -30,7 +30,7 @@ import errno
 import os
 import uuid as uuidlib
 
-from plugin.labels import LabelError, NamespaceLabel
+from nvdimm.labels import LabelError, NamespaceLabel
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4 * KiB
@@ -152,7 +152,7 @@ class MemoryStore:
 
 
 class AreaStore:
-    """Labels in a region file's Linux/UEFI label area (plugin.labels)."""
+    """Labels in a region file's Linux/UEFI label area (nvdimm.labels)."""
 
     labelled = True
 

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from plugin import cli_check, cli_namespace, serve
+from bttctl import check, namespace, serve
 
 EXIT_USAGE = 64
 
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
                                 parser_class=_Parser)
     serve.register(sub)
-    cli_namespace.register(sub)
-    cli_check.register(sub)
+    namespace.register(sub)
+    check.register(sub)
     return parser
 
 

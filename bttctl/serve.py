@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from plugin.paths import clear_socket_path, socket_ident, unlink_if_same
+from control.sockets import clear_socket_path, socket_ident, unlink_if_same
 from plugin.pythread import DEFAULT_THREAD_MODEL, DEFAULT_WORKERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +68,8 @@ def _default_region(path: str) -> None:
     512 MiB sector namespace named "demo"; the other half is free for create-namespace."""
     if os.path.exists(path):
         return
-    from plugin.cli_namespace import call_offline
-    from plugin.labels import LabelArea
+    from bttctl.namespace import call_offline
+    from nvdimm.labels import LabelArea
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     _say(f"creating {path}: a 1 GiB labelled region with one 512 MiB sector namespace "
          "(\"demo\", 4096-byte sectors)")
@@ -87,7 +87,7 @@ def _exports(reply: dict) -> list[dict]:
 
 
 def _clients(control: str) -> int | None:
-    from plugin.control import request
+    from control.server import request
     try:
         return sum(ns.get("clients", 0) for ns in request(control, {"op": "list"}, 2)["result"])
     except (OSError, ValueError, KeyError):
@@ -104,7 +104,7 @@ def _listen_args(args, var: str):
             _say(f"bttctl serve: --tcp {args.tcp}: the port must be a number from 1 to 65535")
             raise SystemExit(64)
         # One control socket per port: two TCP servers with regions in one directory must
-        # not fight over one path (bttctl finds it, see cli_namespace.default_control).
+        # not fight over one path (bttctl finds it, see bttctl/namespace.py default_control).
         return (["--ipaddr", host, "--port", port], f"nbd://{host}:{port}", (host, int(port)),
                 os.path.join(var, f"nbd-{int(port)}.ctl"))
     sock = os.path.abspath(args.socket or os.path.join(var, "nbd.sock"))
@@ -116,7 +116,7 @@ def _ready(control: str, proc, timeout=30.0) -> dict | None:
     port, a refused region) or did not come up in time. The plugin starts the control
     socket after nbdkit has bound its listening sockets, so an answer means nbdkit is
     serving; a TCP connect could instead reach whoever else holds the port."""
-    from plugin.control import request
+    from control.server import request
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -129,7 +129,7 @@ def _ready(control: str, proc, timeout=30.0) -> dict | None:
 def _check_locks(regions) -> str | None:
     """Why a region cannot be served (another server holds its lock), or None: said here
     in one line, before nbdkit starts."""
-    from plugin.namespaces import lock_region
+    from nvdimm.regionfile import lock_region
     for r in regions:
         try:
             os.close(lock_region(r))
@@ -156,7 +156,7 @@ def cmd_serve(args) -> int:
     listen, where_text, where, default_control = _listen_args(args, var)
     control = os.path.abspath(args.control or default_control)
     # Only a stale socket may be replaced: `--socket r.img` or `--control notes.txt`
-    # must not delete the file that is there (plugin/paths.py).
+    # must not delete the file that is there (control/sockets.py).
     try:
         if isinstance(where, str):
             clear_socket_path(where, "NBD socket")

@@ -1,11 +1,10 @@
-"""The paths the server writes to or removes: region files, sockets.
+"""Socket paths the server binds and removes (the NBD and control sockets), and files it
+removes only while they are still its own (the pid file).
 
-Some of these paths are derived by the server itself (a socket beside the region, the
-journal), in directories other users may write to. Whatever is found at such a path is
-checked before it is written or removed: a symbolic link is never followed for writing,
-a regular file is never unlinked to make room for a socket, and at shutdown only the very
-socket this process bound is removed. (The intent journal gets the same rules in C and
-btt_core/engine.py.)
+Some of these paths are derived by the server itself (a socket beside the region), in
+directories other users may write to. Whatever is found at such a path is checked before it
+is removed: a regular file is never unlinked to make room for a socket, and at shutdown only
+the very socket this process bound is removed.
 """
 from __future__ import annotations
 
@@ -13,27 +12,6 @@ import errno
 import os
 import socket
 import stat
-
-
-def open_for_writing(path: str, flags: int = os.O_RDWR) -> int:
-    """os.open(path, flags) for writing a region file: refuses a symbolic link at path
-    (ELOOP) and anything but a regular file (EINVAL), with a message naming path."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, f"{path} is a symbolic link; refusing to follow it "
-                          "for writing (name the file itself)") from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file; refusing to write to it")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _answers(path: str) -> bool:

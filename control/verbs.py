@@ -24,8 +24,8 @@ import errno
 import re
 import uuid as uuidlib
 
-from plugin.namespaces import DEVICE_NAME
-from plugin.nsmodel import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
+from nvdimm.regionfile import DEVICE_NAME
+from nvdimm.region import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
                             check_alt_name, parse_uuid)
 
 BTT_NAME = re.compile(r"btt\d+\.\d+$")  # a btt device, not an alt_name that starts so
@@ -295,7 +295,7 @@ def _state_at_start(registry, listed: list[dict]) -> None:
     nothing: state becomes what a server would make of each namespace when it starts (the
     labels and the BTTs decide; Linux keeps no enabled flag on media either), and a
     namespace it would refuse says why."""
-    from plugin.namespaces import open_region
+    from nvdimm.regionfile import open_region
     for region in registry.regions:
         started = open_region(region.path, region.id, autobind=True, read_only=True)
         for d in listed:

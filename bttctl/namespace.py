@@ -3,7 +3,7 @@ get | set | create-region`: ndctl's namespace verbs.
 
 Every verb except create-region runs against a running server (`--control PATH`, printed
 by `bttctl serve`; default: see default_control) or offline on a region file (`--region FILE`). Both
-go through the same code (plugin/verbs.py); offline, the region file's lock is held for the
+go through the same code (control/verbs.py); offline, the region file's lock is held for the
 command, so it cannot race a server. JSON on stdout, messages on stderr naming the errno.
 Exit status: 0 success, 1 refused (the errno says why), 64 usage error or no server.
 """
@@ -16,8 +16,8 @@ import os
 import re
 import sys
 
-from plugin.control import error_reply, error_text, request
-from plugin.paths import socket_ident
+from control.server import error_reply, error_text, request
+from control.sockets import socket_ident
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
 EXIT_REFUSED, EXIT_USAGE = 1, 64
@@ -143,7 +143,8 @@ def _create_request(a) -> dict:
 def offline(paths, lock: bool = True):
     """A Registry over region files with nothing served, holding their locks (without
     `lock`, for reading only: a served file may then be read, never changed)."""
-    from plugin.namespaces import Registry, lock_region
+    from nvdimm.regionfile import lock_region
+    from plugin.exports import Registry
     locks = []
     try:
         registry = Registry(serving=False)
@@ -196,7 +197,7 @@ def call(control: str | None, req: dict) -> dict:
 
 def call_offline(paths, req: dict, lock: bool = True) -> dict:
     """The same reply a server would give, computed on region files."""
-    from plugin.verbs import handle
+    from control.verbs import handle
     with offline(paths, lock) as registry:
         try:
             return {"ok": True, "result": handle(registry, req)}
@@ -252,8 +253,8 @@ def _run(args) -> int:
 
 
 def cmd_create_region(args) -> int:
-    from plugin.labels import LabelArea
-    from plugin.verbs import parse_size
+    from nvdimm.labels import LabelArea
+    from control.verbs import parse_size
     try:
         size, label_size = parse_size(args.size), parse_size(args.label_size)
         LabelArea.create(args.file, size, label_size=label_size,

@@ -1,0 +1,1 @@
+"""`bttctl`, the ndctl-style command line: serving, namespace verbs, check-namespace."""
