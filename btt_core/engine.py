@@ -11,6 +11,7 @@ import stat
 import uuid as _uuid
 
 from ._btt_cffi import ffi, lib
+from .errors import ErrnoError
 
 DURABILITY = {"group": lib.BTT_DUR_GROUP, "strict": lib.BTT_DUR_STRICT, "none": lib.BTT_DUR_NONE}
 VERSIONS = {"1.1": (1, 1), "2.0": (2, 0)}
@@ -20,7 +21,7 @@ INFO_FIELDS = ("flags", "version_major", "version_minor", "external_lbasize", "e
                "mapoff", "logoff", "info2off", "checksum")
 
 
-class BttError(OSError):
+class BttError(ErrnoError):
     """An engine failure; .errno is meaningful (EIO, ENOSPC, EROFS, EINVAL, EUCLEAN, ...)."""
 
 
@@ -149,6 +150,14 @@ class Io:
 
     def __del__(self):
         self.close()
+
+
+def fletcher64(data: bytes) -> int:
+    """Fletcher-64 over little-endian 32-bit words, as Linux computes info-block and label
+    checksums (btt-format.md §3; label-format.md §1.4)."""
+    if len(data) % 4:
+        raise ValueError("fletcher64 needs a multiple of 4 bytes")
+    return lib.btt_fletcher64(data, len(data))
 
 
 def compute_layout(rawsize: int, lbasize: int, arena_max: int = 0) -> list[dict]:

@@ -31,14 +31,6 @@ REQUEST_TIMEOUT = 30.0  # from the first byte a request may take, to its newline
 MAX_CLIENTS = 32
 
 
-class ControlError(Exception):
-    """A refusal with an errno, as the kernel's sysfs would give it."""
-
-    def __init__(self, err: int, message: str):
-        super().__init__(message)
-        self.errno = err
-
-
 def error_text(err_name: str, text: str) -> str:
     """'EBUSY: text', unless the text already starts with the errno's name: how a refusal
     reads in one line, in the CLI and in the server's log alike."""
@@ -191,8 +183,6 @@ class ControlServer:
         with self.lock:
             try:
                 return {"id": req_id, "ok": True, "result": self.handler(request)}
-            except ControlError as e:
-                return error_reply(req_id, e.errno, str(e))
             except OSError as e:
                 return error_reply(req_id, e.errno or errno.EIO, e.strerror or str(e))
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server

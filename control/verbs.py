@@ -25,11 +25,15 @@ import re
 import uuid as uuidlib
 
 from nvdimm.regionfile import DEVICE_NAME
-from nvdimm.region import (MIN_CLAIM_SIZE, BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, NdError,
-                            check_alt_name, parse_uuid)
+from nvdimm.attrs import check_alt_name, parse_uuid
+from nvdimm.constants import (BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, MIN_CLAIM_SIZE,
+                              PMEM_SECTOR_SIZES)
+from nvdimm.errors import NdError
 
 BTT_NAME = re.compile(r"btt\d+\.\d+$")  # a btt device, not an alt_name that starts so
-WIRE_SECTOR_SIZES = (512, 4096)  # NBD has no integrity channel for 520/528/41xx sectors
+# NBD has no integrity channel for 520/528/41xx sectors: exports carry what pmem labels can
+# say, and so does a BTT created through us.
+WIRE_SECTOR_SIZES = PMEM_SECTOR_SIZES
 MODES = {"sector": "sector", "safe": "sector", "raw": "raw"}
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

@@ -21,7 +21,10 @@ import os
 import struct
 import uuid as uuidlib
 
-from nvdimm.files import open_for_writing
+from btt_core import Io
+from btt_core.engine import fletcher64
+from nvdimm.constants import PAGE, PMEM_SECTOR_SIZES
+from nvdimm.errors import NdError
 
 INDEX_SIGNATURE = b"NAMESPACE_INDEX\0"
 INDEX_HEADER_SIZE = 72
@@ -36,12 +39,8 @@ LABEL_CHECKSUM_OFFSET = 0xF8
 LABEL_SIZES = {"1.1": 128, "1.2": 256}
 NAME_FIELD = 64  # NUL-terminated: at most 63 bytes of name
 
-FLAG_UPDATING = 0x8
-
 DEFAULT_LABEL_AREA = 128 * 1024  # QEMU's minimum label-size, and the conventional one
 MIN_LABEL_AREA = DEFAULT_LABEL_AREA
-PAGE = 4096  # QEMU's backend alignment for an ordinary file
-SECTOR_SIZES = (512, 4096)  # what a pmem label's lbasize may say
 
 # GUIDs are stored in mixed-endian GUID order, hence bytes_le (label-format.md §2.1).
 PMEM_TYPE_GUID = uuidlib.UUID("66f0d379-b4f3-4074-ac43-0d3318b78cdb").bytes_le
@@ -55,26 +54,11 @@ CLAIM_CLASS_GUIDS = {
 CLAIM_CLASS_OF_GUID = {guid: name for name, guid in CLAIM_CLASS_GUIDS.items()}
 
 
-class LabelError(OSError):
+class LabelError(NdError):
     """A label area that cannot be used, or an update that cannot be written."""
-
-    def __init__(self, err: int, message: str):
-        super().__init__(err, f"{errno.errorcode.get(err, err)}: {message}")
-        self.message = message
 
 
 # ---- arithmetic shared by readers and writers ---------------------------------------------
-
-def fletcher64(data: bytes) -> int:
-    """Fletcher-64 over little-endian 32-bit words, as Linux and ndctl compute it (§1.4)."""
-    if len(data) % 4:
-        raise ValueError("fletcher64 needs a multiple of 4 bytes")
-    lo = hi = 0
-    for (word,) in struct.iter_unpack("<I", data):
-        lo = (lo + word) & 0xFFFFFFFF
-        hi = (hi + lo) & 0xFFFFFFFF
-    return hi << 32 | lo
-
 
 def checksum_with_field_zeroed(block: bytes, field_offset: int) -> int:
     return fletcher64(block[:field_offset] + bytes(8) + block[field_offset + 8:])
@@ -251,57 +235,6 @@ def unpack_label(raw: bytes, slot: int, version: str) -> tuple[dict | None, str]
     return fields, ""
 
 
-# ---- where the bytes live ------------------------------------------------------------------
-
-class FileMedium:
-    """The label area's bytes inside a file; `sync` orders the label and index writes."""
-
-    def __init__(self, path, writable: bool = True):
-        self.fd = (open_for_writing(path) if writable
-                   else os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        return data + bytes(length - len(data))  # past EOF reads as zeros, like a hole
-
-    def write(self, offset: int, data: bytes) -> None:
-        if os.pwrite(self.fd, data, offset) != len(data):
-            raise LabelError(errno.EIO, "short write to the label area")
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class MemoryMedium:
-    """A bytearray standing in for a file (tests; crash simulation records `writes`)."""
-
-    def __init__(self, data: bytes | bytearray):
-        self.data = bytearray(data)
-        self.writes: list[tuple[int, bytes]] = []
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset:offset + length]).ljust(length, b"\0")
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.writes.append((offset, bytes(data)))
-        self.data[offset:offset + len(data)] = data
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 # ---- the label area ------------------------------------------------------------------------
 
 class LabelArea:
@@ -315,7 +248,7 @@ class LabelArea:
         self.medium = medium
         self.area_size = area_size
         self.dimm_slot = dimm_slot
-        file_size = medium.size()
+        file_size = medium.size
         if area_size < MIN_LABEL_AREA or area_size >= file_size:
             raise LabelError(errno.EINVAL, f"label area of {area_size} bytes does not fit a "
                              f"{file_size}-byte file (QEMU needs at least {MIN_LABEL_AREA})")
@@ -334,9 +267,9 @@ class LabelArea:
         Looks for the index signature at S - L for L = 128 KiB, 256 KiB, ... 16 MiB. A
         signature whose area fails validation is an error, not "label-less": serving the
         whole file raw would expose (and let a client overwrite) the labels."""
-        medium = FileMedium(path, writable)
+        medium = Io.file(path, readonly=not writable)
         try:
-            file_size = medium.size()
+            file_size = medium.size
             area_size = MIN_LABEL_AREA
             while area_size <= 16 << 20 and area_size < file_size:
                 # Block 1 sits at index_size, which depends on the label size being probed.
@@ -355,7 +288,7 @@ class LabelArea:
     @classmethod
     def open(cls, path, area_size: int, dimm_slot: int = 0, writable: bool = True):
         """The label area of a region file whose label size is known (`label-size=`)."""
-        medium = FileMedium(path, writable)
+        medium = Io.file(path, readonly=not writable)
         try:
             return cls(medium, area_size, dimm_slot)
         except BaseException:
@@ -394,7 +327,7 @@ class LabelArea:
     def format_medium(medium, area_size: int, version: str = "1.2") -> None:
         """Writes an empty label area (both index blocks) at the end of `medium` (tests)."""
         index_size, nslot = area_geometry(area_size, LABEL_SIZES[version])
-        base = medium.size() - area_size
+        base = medium.size - area_size
         medium.write(base, bytes(area_size))
         for block_no, seq in ((0, 3), (1, 2)):
             medium.write(base + block_no * index_size,
@@ -522,9 +455,9 @@ class LabelArea:
             if label.offset + label.size > self.pmem_size:
                 raise LabelError(errno.ENOSPC, f"{what}: extent ends past the "
                                  f"{self.pmem_size}-byte pmem area")
-            if label.lbasize not in SECTOR_SIZES:
+            if label.lbasize not in PMEM_SECTOR_SIZES:
                 raise LabelError(errno.EINVAL, f"{what}: lbasize {label.lbasize}; valid: "
-                                 f"{', '.join(map(str, SECTOR_SIZES))}")
+                                 f"{', '.join(map(str, PMEM_SECTOR_SIZES))}")
             # v1.1 labels have no claim-class field: only "none" (autodetect) is expressible.
             valid_classes = ["none"] if self.version == "1.1" else \
                 [*CLAIM_CLASS_GUIDS, "unknown"]

@@ -24,396 +24,18 @@ Deviations from Linux, each because Linux is surprising or dangerous there, are 
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import errno
-import os
 import uuid as uuidlib
 
+from nvdimm.attrs import check_alt_name, parse_bool, parse_u64, parse_uuid, size_select
+from nvdimm.constants import (BTT_INFO_OFFSET, BTT_SECTOR_SIZES, BTT_VERSION_FOR_CLASS,
+                              CLAIM_CLASSES, DEFAULT_ALIGN, HOLDER_CLASS_TEXT, MIN_CLAIM_SIZE,
+                              MIN_NAMESPACE_SIZE, PAGE, PMEM_SECTOR_SIZES)
+from nvdimm.devices import BttDevice, Namespace
+from nvdimm.errors import NdError
 from nvdimm.labels import LabelError, NamespaceLabel
+from nvdimm.stores import persisted_claim_class
 
-KiB, MiB = 1 << 10, 1 << 20
-PAGE = 4 * KiB
-MIN_NAMESPACE_SIZE = PAGE  # ND_MIN_NAMESPACE_SIZE since it was lowered from 4 MiB
-MIN_CLAIM_SIZE = 16 * MiB  # a BTT (any personality) needs this much
-DEFAULT_ALIGN = 16 * MiB  # region align for regions of 16 MiB and more (v5.7+)
-PMEM_SECTOR_SIZES = (512, 4096)
-BTT_SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
-ALT_NAME_MAX = 63  # a 64-byte label field, NUL-terminated
-CLAIM_CLASSES = ("none", "btt", "btt2", "pfn", "dax", "unknown")
-HOLDER_CLASS_TEXT = {"none": "", "btt": "btt", "btt2": "btt", "pfn": "pfn", "dax": "dax",
-                     "unknown": "<unknown>"}
-# Where a BTT's info block is for each claim class, and which version lives there (§1.5).
-BTT_VERSION_FOR_CLASS = {"none": "1.1", "btt": "1.1", "btt2": "2.0"}
-BTT_INFO_OFFSET = {"1.1": 4096, "2.0": 0}
-
-
-class NdError(OSError):
-    """A refused operation. str() starts with the errno's name, e.g. 'EBUSY: ...'."""
-
-    def __init__(self, err: int, message: str):
-        super().__init__(err, f"{errno.errorcode.get(err, err)}: {message}")
-        self.message = message
-
-
-# ---- parsing sysfs-style input ---------------------------------------------------------------
-
-def parse_uuid(text: str) -> uuidlib.UUID:
-    """Like nd_uuid_parse: 16 hex pairs, each optionally preceded by '-' or ':'."""
-    s = text.strip()
-    out, i = bytearray(), 0
-    while len(out) < 16:
-        if i < len(s) and s[i] in "-:":
-            i += 1
-        pair = s[i:i + 2]
-        if len(pair) != 2 or any(c not in "0123456789abcdefABCDEF" for c in pair):
-            raise NdError(errno.EINVAL, f"{text!r} is not a uuid (expected 16 hex pairs, e.g. "
-                          "11111111-2222-3333-4444-555555555555)")
-        out.append(int(pair, 16))
-        i += 2
-    if i != len(s):
-        raise NdError(errno.EINVAL, f"{text!r} has trailing characters after the uuid")
-    return uuidlib.UUID(bytes=bytes(out))
-
-
-def parse_u64(text: str) -> int:
-    """Like kstrtoull(buf, 0): decimal, 0x-prefixed hex, or 0-prefixed octal."""
-    s = text.strip()
-    base, digits = 10, s
-    if s[:2].lower() == "0x":
-        base, digits = 16, s[2:]
-    elif len(s) > 1 and s[0] == "0":
-        base, digits = 8, s[1:]
-    try:
-        if not digits or not digits.isalnum() or not digits.isascii():
-            raise ValueError
-        value = int(digits, base)
-    except ValueError:
-        raise NdError(errno.EINVAL, f"{text!r} is not a number (decimal, 0x… or 0…)") from None
-    if value >= 1 << 64:
-        raise NdError(errno.ERANGE, f"{text!r} does not fit 64 bits")
-    return value
-
-
-def parse_bool(text: str) -> bool:
-    """Like kstrtobool: 1/0, y/n, on/off (first characters decide, case-insensitive)."""
-    s = text.strip().lower()
-    if s[:1] in ("1", "y") or s[:2] == "on":
-        return True
-    if s[:1] in ("0", "n") or s[:2] == "of":
-        return False
-    raise NdError(errno.EINVAL, f"{text!r} is not a boolean; valid: 1, 0, y, n, on, off")
-
-
-def check_alt_name(value: str) -> str:
-    """The alt_name to store: at most 63 bytes of UTF-8 (a 64-byte label field), no NUL."""
-    name = value.strip()
-    try:
-        encoded = name.encode()
-    except UnicodeEncodeError:
-        raise NdError(errno.EINVAL, "alt_name must be valid UTF-8 text") from None
-    if len(encoded) > ALT_NAME_MAX or "\0" in name:
-        raise NdError(errno.EINVAL, f"alt_name is at most {ALT_NAME_MAX} bytes without NUL "
-                      f"(got {len(encoded)})")
-    return name
-
-
-def size_select(selected: int | None, choices) -> str:
-    """'512 [4096]': the kernel's nd_size_select_show format."""
-    return " ".join(f"[{c}]" if c == selected else str(c) for c in choices)
-
-
-# ---- persistence: where label-backed facts live ---------------------------------------------
-
-class MemoryStore:
-    """Labels kept in a list: for tests, and to see every save the model makes."""
-
-    labelled = True
-
-    def __init__(self, size: int, version: str = "1.2", namespaces=(), reserved=()):
-        self.size, self.version = size, version
-        self.labels = [dataclasses.replace(l) for l in namespaces]
-        self.reserved = list(reserved)
-        self.saves = 0
-        self.fail_with: OSError | None = None  # tests: make the next save fail
-
-    def load(self) -> list[NamespaceLabel]:
-        return [dataclasses.replace(l) for l in self.labels]
-
-    def reserved_extents(self) -> list[tuple[int, int]]:
-        return list(self.reserved)
-
-    def save(self, labels: list[NamespaceLabel]) -> None:
-        if self.fail_with:
-            err, self.fail_with = self.fail_with, None
-            raise err
-        self.labels = [dataclasses.replace(l) for l in labels]
-        self.saves += 1
-
-
-class AreaStore:
-    """Labels in a region file's Linux/UEFI label area (nvdimm.labels)."""
-
-    labelled = True
-
-    def __init__(self, area):
-        self.area = area
-        self.size = area.pmem_size
-        self.version = area.version
-
-    def load(self) -> list[NamespaceLabel]:
-        return self.area.namespaces()
-
-    def reserved_extents(self) -> list[tuple[int, int]]:
-        return self.area.reserved_extents()
-
-    def save(self, labels: list[NamespaceLabel]) -> None:
-        self.area.update(labels)
-
-
-class NoLabels:
-    """A label-less region: one io namespace covering `size` bytes, nothing to persist."""
-
-    labelled = False
-    version = None
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def load(self) -> list[NamespaceLabel]:
-        return []
-
-    def reserved_extents(self) -> list[tuple[int, int]]:
-        return []
-
-    def save(self, labels) -> None:
-        raise NdError(errno.ENXIO, "a label-less region has no labels to update")
-
-
-def persisted_claim_class(claim_class: str, label_version: str | None) -> str:
-    """What a label of this version can record: v1.1 labels have no claim-class field."""
-    return claim_class if label_version == "1.2" else "none"
-
-
-# ---- media: BTT info blocks on the namespace's bytes ---------------------------------------
-
-class MemoryMedia:
-    """BTT info blocks as a dict, for tests. Keys are (namespace offset, version)."""
-
-    def __init__(self):
-        self.btts: dict[tuple[int, str], dict] = {}
-        self.damaged: set[tuple[int, str]] = set()  # a valid info block, rotten metadata
-        self.formats = 0
-
-    def probe(self, offset: int, size: int, version: str) -> dict | None:
-        if (offset, version) in self.damaged:
-            raise NdError(errno.EUCLEAN, f"BTT {version} at offset {offset} is damaged")
-        info = self.btts.get((offset, version))
-        if not info or info.get("raw_size", 0) > size:
-            return None  # as on a file: an arena past the (shrunk) namespace's end is no BTT
-        return {k: v for k, v in info.items() if k != "raw_size"}
-
-    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
-               sector_size: int, old_size: int | None = None) -> dict:
-        self.formats += 1
-        nlba = (size - size // 64 - BTT_INFO_OFFSET[version] - 8 * KiB) // sector_size
-        info = {"version": version, "uuid": uuid, "parent_uuid": parent_uuid,
-                "sector_size": sector_size, "size": nlba * sector_size}
-        self.btts[(offset, version)] = dict(info, raw_size=size)
-        return info
-
-    def erase_btt(self, offset: int, size: int) -> None:
-        """Every BTT info block of the namespace [offset, offset+size) is gone."""
-        self.wipe(offset, size)
-
-    def wipe(self, offset: int, length: int) -> None:
-        """Zeroes [offset, offset+length): info blocks starting there are gone."""
-        for key in [k for k in [*self.btts, *self.damaged]
-                    if offset <= k[0] + BTT_INFO_OFFSET[k[1]] < offset + length]:
-            self.btts.pop(key, None)
-            self.damaged.discard(key)
-
-
-class IoMedia:
-    """BTT info blocks on a btt_core `Io` that the caller owns: a file or a memory image.
-
-    Every write goes through the Io, so a recording memory image sees (and orders) exactly
-    what a verb does to the media, on the same clock as the label writes."""
-
-    def __init__(self, io):
-        self.io = io
-
-    @contextlib.contextmanager
-    def _open(self, readonly: bool = False):
-        yield self.io
-
-    @staticmethod
-    def _info(found: dict) -> dict:
-        return {"version": found["version"], "uuid": uuidlib.UUID(found["uuid"]),
-                "parent_uuid": uuidlib.UUID(found["parent_uuid"]),
-                "sector_size": found["sector_size"], "size": found["size"]}
-
-    def probe(self, offset: int, size: int, version: str) -> dict | None:
-        from btt_core import BttError
-        from btt_core.engine import probe_io
-        try:
-            with self._open(readonly=True) as io:
-                found = probe_io(io, offset=offset, size=size, version=version)
-        except BttError as e:
-            raise NdError(e.errno, f"BTT {version} at file offset {offset}: "
-                          f"{e.strerror}") from None
-        return self._info(found) if found else None
-
-    @staticmethod
-    def _info_blocks(io, offset: int, size: int) -> set[int]:
-        """Where valid-looking info blocks of any BTT in [offset, offset+size) lie."""
-        from btt_core import BttError
-        from btt_core.checker import read_infoblock_io
-        blocks = set()
-        try:
-            for found in read_infoblock_io(io, offset=offset, size=size):
-                for arena in found["arenas"]:
-                    blocks.update(b["offset"] for b in (arena["primary"], arena["backup"])
-                                  if b and b["signature_ok"])
-        except BttError:
-            pass  # nothing readable to find
-        return blocks
-
-    def format(self, offset: int, size: int, *, version: str, uuid, parent_uuid,
-               sector_size: int, old_size: int | None = None) -> dict:
-        """Lays down a fresh BTT, synced, with arena 0's primary info block written last
-        (btt_format's order), so that write is what makes it exist. A BTT that was there
-        (over `old_size` bytes, when the namespace is being resized) is overwritten in
-        place, not erased first, and its info blocks that the new BTT does not reuse are
-        zeroed afterwards: in a label-less file the new primary is the commit point."""
-        from btt_core import Btt, BttError
-        try:
-            with self._open() as io:
-                before = self._info_blocks(io, offset, max(size, old_size or 0))
-                # A BTT already here (a reconfigure) must stop opening before its map and
-                # flog are overwritten, or a crash in between would serve its old info
-                # block over new metadata: with its primary gone it is refused (EUCLEAN).
-                self._zero(io, before & {offset, offset + 4096})
-                Btt.format_io(io, offset=offset, size=size, sector_size=sector_size,
-                              version=version, uuid=uuid, parent_uuid=parent_uuid)
-                io.sync()
-                self._zero(io, before - self._info_blocks(io, offset, size))
-        except BttError as e:
-            raise NdError(e.errno, f"laying down a BTT at file offset {offset}: "
-                          f"{e.strerror}") from None
-        return self.probe(offset, size, version)
-
-    @staticmethod
-    def _zero(io, blocks) -> None:
-        if blocks:
-            for where in sorted(blocks):
-                io.write(where, bytes(4096))
-            io.sync()
-
-    def erase_btt(self, offset: int, size: int) -> None:
-        """Zeroes every BTT info block of the namespace [offset, offset+size): the first
-        8 KiB (1.1 at +4 KiB, 2.0 at 0, as ndctl zeroes), the last 4 KiB (a one-arena BTT's
-        backup), and every primary and backup an arena walk finds. Zeroing primaries alone
-        would leave valid backups, which a probe rightly reports as a damaged BTT."""
-        with self._open() as io:
-            blocks = {offset, offset + 4096, offset + size - 4096}
-            blocks |= self._info_blocks(io, offset, size)
-            blocks = {b for b in blocks if offset <= b <= offset + size - 4096}
-            primaries = {offset, offset + 4096}
-            # Backups first: a crash in between leaves a valid primary (a BTT that still
-            # opens), never a lone backup that makes the namespace refuse to enable.
-            self._zero(io, blocks - primaries)
-            self._zero(io, primaries & blocks)
-
-    def wipe(self, offset: int, length: int) -> None:
-        with self._open() as io:
-            io.write(offset, bytes(length))
-            io.sync()
-
-
-class FileMedia(IoMedia):
-    """BTT info blocks in a region file, through btt_core; opened for each operation, so
-    a server holds no descriptor of its own between verbs."""
-
-    def __init__(self, path):
-        super().__init__(None)
-        self.path = os.fspath(path)
-
-    @contextlib.contextmanager
-    def _open(self, readonly: bool = False):
-        from btt_core import Io
-        io = Io.file(self.path, readonly=readonly)
-        try:
-            yield io
-        finally:
-            io.close()
-
-
-# ---- the devices -------------------------------------------------------------------------
-
-class Namespace:
-    """namespaceR.M: an extent of the region, raw-bound, claimed, or idle."""
-
-    def __init__(self, name: str, dev_id: int, kind: str, *, offset: int = 0, size: int = 0,
-                 uuid: uuidlib.UUID | None = None, alt_name: str = "", sector_size: int = 512,
-                 claim_class: str = "none"):
-        self.name, self.id, self.kind = name, dev_id, kind  # kind: "io" or "pmem"
-        self.offset, self.size, self.uuid = offset, size, uuid
-        self.alt_name, self.sector_size, self.claim_class = alt_name, sector_size, claim_class
-        self.force_raw = False
-        self.claim: BttDevice | None = None  # the one personality holding this namespace
-        self.bound = False  # the raw driver is attached: the raw export exists
-
-    @property
-    def configured(self) -> bool:
-        return self.size > 0 and (self.kind == "io" or self.uuid is not None)
-
-    @property
-    def state(self) -> str:
-        """The §3.1 state name: seed, idle, raw, raw+claimed, claimed or btt-active."""
-        if self.claim is not None:
-            if self.claim.bound:
-                return "btt-active"
-            return "raw+claimed" if self.bound else "claimed"
-        if self.bound:
-            return "raw"
-        return "idle" if self.configured else "seed"
-
-    @property
-    def active_mode(self) -> str | None:
-        """What is exported: "raw", "sector", or None."""
-        if self.claim is not None and self.claim.bound:
-            return "sector"
-        return "raw" if self.bound else None
-
-    def identity(self) -> tuple:
-        return (self.uuid, self.size, self.offset, self.sector_size, self.alt_name,
-                self.claim_class)
-
-
-class BttDevice:
-    """bttR.M: a BTT personality; bound, it serves its namespace in sector mode."""
-
-    def __init__(self, name: str, dev_id: int):
-        self.name, self.id = name, dev_id
-        self.uuid: uuidlib.UUID | None = None
-        self.sector_size: int | None = None
-        self.ndns: Namespace | None = None
-        self.bound = False
-        self.info: dict | None = None  # the info block found or written at bind
-        self.claimed_identity: tuple | None = None  # the namespace's identity at claim time
-
-    @property
-    def state(self) -> str:
-        """B0 seed-like "unconfigured", B1 "configured", B2 "attached", B3 "active"."""
-        if self.bound:
-            return "active"
-        if self.ndns is not None:
-            return "attached"
-        return "configured" if self.uuid or self.sector_size else "unconfigured"
-
-
-# ---- the region --------------------------------------------------------------------------
 
 class Region:
     """regionR and everything in it. See the module docstring."""
@@ -617,14 +239,10 @@ class Region:
             raise NdError(errno.EACCES, f"{path} is read-only")
         if not isinstance(value, str):
             raise NdError(errno.EINVAL, f"{path}: the value must be text")
-        if isinstance(setter, str):  # namespace and btt tables name Region methods
-            getattr(self, setter)(dev, value)
+        if dev is self:
+            setter(self, value)
         else:
-            setter(dev, value)
-
-    def attributes(self, name: str) -> list[str]:
-        """The attribute names visible on a device (as `ls /sys/.../name` would list)."""
-        return list(self._attributes(self.device(name)))
+            setter(self, dev, value)
 
     def _split(self, path: str):
         if not isinstance(path, str) or path.count("/") != 1:
@@ -638,7 +256,8 @@ class Region:
                       f"{', '.join(self._attributes(dev))}")
 
     def _attributes(self, dev) -> dict:
-        """name -> (getter, setter or None) for this device, visibility applied."""
+        """name -> (getter, setter or None) for this device, visibility applied. Region
+        setters take (region, text); device setters (region, device, text)."""
         if dev is self:
             return self._region_attributes()
         if isinstance(dev, BttDevice):
@@ -1082,7 +701,7 @@ class Region:
             require(stored == expected, "the labels do not describe the namespaces")
 
 
-# Attribute tables: name -> (getter(dev), name of the Region method that writes it, or None).
+# Attribute tables: name -> (getter(dev), setter(region, dev, text) or None for read-only).
 
 def _ns_sector_size(ns: Namespace) -> str:
     return size_select(ns.sector_size, PMEM_SECTOR_SIZES)
@@ -1104,25 +723,25 @@ NAMESPACE_ATTRIBUTES = {
     "nstype": (lambda ns: "5" if ns.kind == "pmem" else "4", None),
     "devtype": (lambda ns: f"nd_namespace_{ns.kind}", None),
     "modalias": (lambda ns: "nd:t5" if ns.kind == "pmem" else "nd:t4", None),
-    "size": (lambda ns: str(ns.size), "_set_ns_size"),
-    "uuid": (lambda ns: str(ns.uuid) if ns.uuid else "", "_set_ns_uuid"),
-    "alt_name": (lambda ns: ns.alt_name, "_set_ns_alt_name"),
-    "sector_size": (_ns_sector_size, "_set_ns_sector_size"),
+    "size": (lambda ns: str(ns.size), Region._set_ns_size),
+    "uuid": (lambda ns: str(ns.uuid) if ns.uuid else "", Region._set_ns_uuid),
+    "alt_name": (lambda ns: ns.alt_name, Region._set_ns_alt_name),
+    "sector_size": (_ns_sector_size, Region._set_ns_sector_size),
     "dpa_extents": (lambda ns: "1" if ns.size else "0", None),
     "resource": (_ns_resource, None),
     "holder": (lambda ns: ns.claim.name if ns.claim else "", None),
-    "holder_class": (lambda ns: HOLDER_CLASS_TEXT[ns.claim_class], "_set_ns_holder_class"),
-    "force_raw": (lambda ns: str(int(ns.force_raw)), "_set_ns_force_raw"),
+    "holder_class": (lambda ns: HOLDER_CLASS_TEXT[ns.claim_class], Region._set_ns_holder_class),
+    "force_raw": (lambda ns: str(int(ns.force_raw)), Region._set_ns_force_raw),
     "mode": (lambda ns: "safe" if ns.claim else "raw", None),
 }
 IO_VISIBLE = ("nstype", "devtype", "modalias", "size", "mode", "holder", "holder_class",
               "force_raw", "resource")
 BTT_ATTRIBUTES = {
     "devtype": (lambda b: "nd_btt", None),
-    "namespace": (lambda b: b.ndns.name if b.ndns else "", "_set_btt_namespace"),
-    "uuid": (lambda b: str(b.uuid) if b.uuid else "", "_set_btt_uuid"),
+    "namespace": (lambda b: b.ndns.name if b.ndns else "", Region._set_btt_namespace),
+    "uuid": (lambda b: str(b.uuid) if b.uuid else "", Region._set_btt_uuid),
     "sector_size": (lambda b: size_select(b.sector_size, BTT_SECTOR_SIZES),
-                    "_set_btt_sector_size"),
+                    Region._set_btt_sector_size),
     "size": (_btt_size, None),
     "log_zero_flags": (lambda b: "Y", None),
 }

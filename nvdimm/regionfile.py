@@ -8,7 +8,10 @@ import re
 
 from btt_core import BttError
 from nvdimm.labels import LabelArea, LabelError
-from nvdimm.region import AreaStore, FileMedia, NdError, NoLabels, Region
+from nvdimm.errors import NdError
+from nvdimm.media import FileMedia
+from nvdimm.region import Region
+from nvdimm.stores import AreaStore, NoLabels
 
 DEVICE_NAME = re.compile(r"(namespace|btt|region)\d+(\.\d+)?$")
 

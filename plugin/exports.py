@@ -1,7 +1,7 @@
 """What the server exports, kept in step with the libnvdimm model of each region file.
 
 Each region file (`region=` on the plugin, `--region` on the CLI) becomes one
-`nsmodel.Region`: labelled files (a Linux/UEFI label area at the end, as QEMU keeps it) hold
+`nvdimm.region.Region`: labelled files (a Linux/UEFI label area at the end, as QEMU keeps it) hold
 the namespaces their labels describe; a label-less file is one io namespace over the whole
 file. The model decides what is enabled and in which mode; `Registry.sync()` then makes the
 exports match it: an enabled namespace is exported under its name (and its alt_name) raw or
@@ -18,7 +18,8 @@ import os
 import sys
 import threading
 
-from nvdimm.region import NdError, Region
+from nvdimm.errors import NdError
+from nvdimm.region import Region
 from nvdimm.regionfile import DEVICE_NAME, open_region
 from plugin.backends import RAW_SECTOR, RawBackend, SectorBackend
 

@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -41,10 +40,6 @@ def tiny_fs(tmp_path):
 @pytest.fixture
 def tmpfile(tmp_path):
     return str(tmp_path / "region.img")
-
-
-def have(cmd):
-    return shutil.which(cmd) is not None
 
 
 def run(cmd, **kw):

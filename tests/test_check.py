@@ -45,7 +45,7 @@ def test_clean_namespace_checks_clean_for_every_sector_size(tmpfile, lbasize):
 
 @pytest.mark.parametrize("lbasize", [512, 4104])
 def test_wiped_info_block_restored_from_backup(tmpfile, lbasize):
-    from btt_core import inject
+    import inject
     arenas, nlba, ss = make(tmpfile, lbasize)
     inject.wipe_info(tmpfile, which="primary")
     with pytest.raises(BttError) as e:
@@ -61,7 +61,7 @@ def test_wiped_info_block_restored_from_backup(tmpfile, lbasize):
 
 
 def test_both_info_blocks_wiped_means_no_btt(tmpfile):
-    from btt_core import inject
+    import inject
     make(tmpfile)
     inject.wipe_info(tmpfile, which="both")
     with pytest.raises(BttError) as e:
@@ -109,7 +109,7 @@ def test_media_error_reads_eio_until_rewritten_and_checks_clean(tmpfile):
 def test_interrupted_write_detected_and_repaired(tmpfile):
     make(tmpfile)
     last = 49 * 7  # the newest entry of lane 0 (a commit per write always uses lane 0)
-    from btt_core import inject
+    import inject
     inject.rewind_map(tmpfile, last)
     r = check_namespace(tmpfile)
     # what the next open completes by design is a note, not a problem (issue 16, item 12)
@@ -123,7 +123,7 @@ def test_interrupted_write_detected_and_repaired(tmpfile):
 
 @pytest.mark.parametrize("lbasize", [4096, 520])
 def test_old_padding_image_converted_by_rewrite_log(tmpfile, lbasize):
-    from btt_core import inject
+    import inject
     arenas, nlba, ss = make(tmpfile, lbasize)
     logoff = 4096 + arenas[0]["logoff"]
     inject.old_padding(tmpfile)  # the pre-4.15 layout: second live slot at 32..47
@@ -245,7 +245,7 @@ def test_rewrite_log_is_crash_safe():
 
 
 def test_injection_helpers(tmpfile):
-    from btt_core import inject
+    import inject
     arenas, nlba, ss = make(tmpfile)
     assert "media error" in inject.set_media_error(tmpfile, 7)
     with Btt.open(tmpfile, readonly=True) as b:

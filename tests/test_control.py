@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from control.server import ControlError, ControlServer, private_socket_dir, request
+from btt_core.errors import ErrnoError
+from control.server import ControlServer, private_socket_dir, request
 
 
 class Counter:
@@ -30,12 +31,12 @@ class Counter:
         if op == "get":
             return {"a": self.a, "b": self.b}
         if op == "busy":
-            raise ControlError(errno.EBUSY, "namespace0.0 is claimed by btt0.0")
+            raise ErrnoError(errno.EBUSY, "namespace0.0 is claimed by btt0.0")
         if op == "bug":
             raise KeyError("oops")
         if op == "unencodable":
             return {"a": {1, 2}}  # a set: json cannot encode the reply
-        raise ControlError(errno.EINVAL, f"unknown op {op!r}; valid: inc, get, busy")
+        raise ErrnoError(errno.EINVAL, f"unknown op {op!r}; valid: inc, get, busy")
 
 
 @pytest.fixture

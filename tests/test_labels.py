@@ -8,9 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from btt_core.engine import fletcher64
+from fakes import MemoryMedium
 from nvdimm.labels import (CLAIM_CLASS_GUIDS, PMEM_TYPE_GUID, LabelArea, LabelError,
-                           MemoryMedium, NamespaceLabel, area_geometry, current_index,
-                           fletcher64, pack_index, pack_label, qemu_cookies, unpack_index)
+                           NamespaceLabel, area_geometry, current_index, pack_index, pack_label,
+                           qemu_cookies, unpack_index)
 
 KiB, MiB = 1 << 10, 1 << 20
 AREA = 128 * KiB
@@ -29,6 +31,7 @@ class TailMedium(MemoryMedium):
     def copy(self, data=None):
         return TailMedium(self.data if data is None else data, self.pmem)
 
+    @property
     def size(self):
         return self.pmem + len(self.data)
 

@@ -10,8 +10,12 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule)
 
 from nvdimm.labels import LabelArea, LabelError
-from nvdimm.region import (AreaStore, FileMedia, MemoryMedia, MemoryStore, NdError, NoLabels,
-                            Region, parse_bool, parse_u64, parse_uuid)
+from fakes import MemoryMedia, MemoryStore
+from nvdimm.attrs import parse_bool, parse_u64, parse_uuid
+from nvdimm.errors import NdError
+from nvdimm.media import FileMedia
+from nvdimm.region import Region
+from nvdimm.stores import AreaStore, NoLabels
 
 MiB = 1 << 20
 U = [str(uuid.UUID(int=0xA0 + i)) for i in range(8)]  # namespace uuids

@@ -26,7 +26,9 @@ from conftest import MiB, pattern
 from control import verbs
 from nvdimm.labels import LabelArea
 from plugin.exports import Registry
-from nvdimm.region import AreaStore, IoMedia, Region
+from nvdimm.media import IoMedia
+from nvdimm.region import Region
+from nvdimm.stores import AreaStore
 from control.verbs import handle
 
 LONG = bool(os.environ.get("BTT_LONG"))
@@ -37,30 +39,8 @@ TORN_PER_WRITE = 20 if LONG else 4
 TOTAL = {"states": 0}
 
 
-class IoMedium:
-    """The label area's medium (labels.FileMedium's interface) over a btt_core Io."""
-
-    def __init__(self, io):
-        self.io = io
-
-    def size(self):
-        return self.io.size
-
-    def read(self, offset, length):
-        return self.io.read(offset, length)
-
-    def write(self, offset, data):
-        self.io.write(offset, data)
-
-    def sync(self):
-        self.io.sync()
-
-    def close(self):
-        pass
-
-
 def open_registry(io, autobind):
-    region = Region(AreaStore(LabelArea(IoMedium(io), AREA)), IoMedia(io), autobind=autobind)
+    region = Region(AreaStore(LabelArea(io, AREA)), IoMedia(io), autobind=autobind)
     region.path = "memory"
     registry = Registry(serving=False)
     registry.regions.append(region)
@@ -94,7 +74,7 @@ def read_data(io, offset, size, mode):
 def base_image():
     """keep (sector, 32M), victim (sector, 16M), plain (raw, 16M), 32M free; data in each."""
     io = Io.memory(PMEM + AREA)
-    LabelArea.format_medium(IoMedium(io), AREA)
+    LabelArea.format_medium(io, AREA)
     registry, _ = open_registry(io, autobind=False)
     for req in ({"size": "32M", "name": "keep"}, {"size": "16M", "name": "victim"},
                 {"size": "16M", "name": "plain", "mode": "raw", "sector_size": 512}):

@@ -18,7 +18,9 @@ from conftest import MiB
 from bttctl.namespace import call_offline, offline
 from nvdimm.labels import LabelArea
 from plugin.exports import Registry
-from nvdimm.region import MemoryMedia, MemoryStore, NdError, Region
+from fakes import MemoryMedia, MemoryStore
+from nvdimm.errors import NdError
+from nvdimm.region import Region
 from control.verbs import handle, parse_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

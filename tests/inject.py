@@ -1,4 +1,4 @@
-"""Error injection for tests and demonstrations: damage a BTT on purpose, the way ndctl's
+"""Error injection for tests: damage a BTT on purpose, the way ndctl's
 btt-check.sh / btt-errors.sh / btt-pad-compat.sh do. Never use on data you care about.
 
 Each function works offline on a region file (the BTT at [offset, offset+size)) and
@@ -6,10 +6,9 @@ returns a short description of what it did.
 """
 from __future__ import annotations
 
-import struct
 
-from .checker import read_infoblock
-from .engine import Btt, BttError
+from btt_core.checker import read_infoblock
+from btt_core.engine import Btt, BttError
 
 E_FLAG, Z_FLAG = 0x40000000, 0x80000000
 
@@ -46,13 +45,6 @@ def wipe_info(path, *, which="primary", arena=0, offset=0, size=None) -> str:
     if which in ("primary", "both"):
         _write(path, base, bytes(4096))
     return f"arena {arena}: {which} info block zeroed"
-
-
-def scribble_map(path, lba, block, *, arena=0, offset=0, size=None) -> str:
-    """Point the map entry of an arena-relative LBA at another block (a bitmap error)."""
-    base, info = _arena(path, offset, size, arena)
-    _write(path, base + info["mapoff"] + 4 * lba, struct.pack("<I", 0xC0000000 | block))
-    return f"arena {arena}: map entry of LBA {lba} now points to block {block}"
 
 
 def old_padding(path, *, arena=0, offset=0, size=None) -> str:
