@@ -28,11 +28,21 @@ import errno
 import uuid as uuidlib
 
 from nvdimm.attrs import check_alt_name, parse_bool, parse_u64, parse_uuid, size_select
-from nvdimm.constants import (BTT_INFO_OFFSET, BTT_SECTOR_SIZES, BTT_VERSION_FOR_CLASS,
-                              CLAIM_CLASSES, DEFAULT_ALIGN, HOLDER_CLASS_TEXT, MIN_CLAIM_SIZE,
-                              MIN_NAMESPACE_SIZE, PAGE, PMEM_SECTOR_SIZES)
+from nvdimm.capacity import free_gaps
+from nvdimm.constants import (
+    BTT_INFO_OFFSET,
+    BTT_SECTOR_SIZES,
+    BTT_VERSION_FOR_CLASS,
+    DEFAULT_ALIGN,
+    HOLDER_CLASS_TEXT,
+    MIN_CLAIM_SIZE,
+    MIN_NAMESPACE_SIZE,
+    PAGE,
+    PMEM_SECTOR_SIZES,
+)
 from nvdimm.devices import BttDevice, Namespace
 from nvdimm.errors import NdError
+from nvdimm.invariants import check_invariants
 from nvdimm.labels import LabelError, NamespaceLabel
 from nvdimm.stores import persisted_claim_class
 
@@ -138,14 +148,7 @@ class Region:
         return sorted(used + self.store.reserved_extents())
 
     def _free_gaps(self, exclude: Namespace | None = None) -> list[tuple[int, int]]:
-        """(aligned start, length) of every free run, in offset order."""
-        gaps, cursor = [], 0
-        for start, length in [*self._extents(exclude), (self.size, 0)]:
-            aligned = -(-cursor // self.align) * self.align
-            if start > aligned:
-                gaps.append((aligned, start - aligned))
-            cursor = max(cursor, start + length)
-        return gaps
+        return free_gaps(self._extents(exclude), self.size, self.align)
 
     @property
     def available_size(self) -> int:
@@ -639,66 +642,8 @@ class Region:
     # -- the §3.3 invariants
 
     def check_invariants(self) -> None:
-        """Raises AssertionError naming the first broken invariant."""
-        def require(cond, message):
-            if not cond:
-                raise AssertionError(f"{self.name}: {message}")
-
-        if not self.enabled:
-            require(not self.namespaces and not self.btts and self.namespace_seed is None
-                    and self.btt_seed is None, "a disabled region has children")
-            return
-        for name, ns in self.namespaces.items():
-            require(ns.name == name, f"{name} is registered under another name")
-            holders = [b for b in self.btts.values() if b.ndns is ns]
-            require(len(holders) == (ns.claim is not None), f"{name}: claim "
-                    f"{ns.claim and ns.claim.name} but held by {[b.name for b in holders]}")
-            require(ns.claim is None or ns.claim is holders[0], f"{name}: claim and holder "
-                    "disagree")
-            require(not (ns.bound and ns.claim and ns.claim.bound),
-                    f"{name} is raw-bound while {ns.claim and ns.claim.name} serves it")
-            require(ns.kind == ("pmem" if self.labelled else "io"), f"{name}: a {ns.kind} "
-                    "namespace in this region")
-            require(ns.claim_class in CLAIM_CLASSES, f"{name}: claim class {ns.claim_class}")
-            if ns.claim is not None:
-                require(ns.claim_class in BTT_VERSION_FOR_CLASS, f"{name}: a BTT claims a "
-                        f"{ns.claim_class} namespace")
-                require(ns.size >= MIN_CLAIM_SIZE, f"{name}: claimed below 16 MiB")
-                require(ns.identity() == ns.claim.claimed_identity,
-                        f"{name}: identity changed while claimed")
-            if ns.bound or (ns.claim and ns.claim.bound):
-                require(ns.configured, f"{name} is enabled without capacity or uuid")
-        for name, btt in self.btts.items():
-            require(btt.ndns is None or (btt.ndns.claim is btt and
-                                         self.namespaces.get(btt.ndns.name) is btt.ndns),
-                    f"{name}: namespace pointer without a matching claim")
-            if btt.bound:
-                require(btt.ndns is not None and btt.uuid and btt.sector_size and btt.info,
-                        f"{name} is enabled without a namespace, uuid or sector size")
-            require(btt.ndns is not None or btt.bound is False, f"{name} bound without ns")
-        seed = self.btt_seed
-        require(seed is not None and self.btts.get(seed.name) is seed and not seed.bound,
-                "the btt seed is missing or enabled")
-        if self.labelled:
-            seed = self.namespace_seed
-            require(seed is not None and self.namespaces.get(seed.name) is seed and
-                    not seed.bound and not (seed.claim and seed.claim.bound),
-                    "the namespace seed is missing or enabled")
-        else:
-            require(self.namespace_seed is None and len(self.namespaces) == 1,
-                    "a label-less region has exactly one io namespace and no seed")
-        uuids = [ns.uuid for ns in self.namespaces.values() if ns.uuid is not None]
-        require(len(uuids) == len(set(uuids)), "duplicate namespace uuids")
-        extents = self._extents()
-        for (a_start, a_len), (b_start, _) in zip(extents, extents[1:]):
-            require(a_start + a_len <= b_start, "namespace extents overlap")
-        require(all(0 <= s and s + n <= self.size for s, n in extents),
-                "an extent lies outside the region")
-        require(0 <= self.available_size <= self.size, "available_size out of range")
-        if self.labelled:
-            stored = sorted((l.key() for l in self.store.load()), key=str)
-            expected = sorted((l.key() for l in self._labels()), key=str)
-            require(stored == expected, "the labels do not describe the namespaces")
+        """Raises AssertionError naming the first broken invariant (nvdimm/invariants.py)."""
+        check_invariants(self)
 
 
 # Attribute tables: name -> (getter(dev), setter(region, dev, text) or None for read-only).
