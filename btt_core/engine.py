@@ -15,6 +15,7 @@ from .errors import ErrnoError
 
 DURABILITY = {"group": lib.BTT_DUR_GROUP, "strict": lib.BTT_DUR_STRICT, "none": lib.BTT_DUR_NONE}
 VERSIONS = {"1.1": (1, 1), "2.0": (2, 0)}
+MAX_REQUEST = lib.BTT_MAX_REQUEST  # the largest read or write one engine call takes
 SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
 INFO_FIELDS = ("flags", "version_major", "version_minor", "external_lbasize", "external_nlba",
                "internal_lbasize", "internal_nlba", "nfree", "infosize", "nextoff", "dataoff",

@@ -10,7 +10,6 @@ from btt_core import Btt, BttError
 from btt_core.raw import RawExport
 
 RAW_SECTOR = 4096  # block size of raw exports of label-less (io) namespaces
-MAX_REQUEST = 32 << 20  # the maximum block size we advertise (btt.h: BTT_MAX_REQUEST)
 # TRIM and WRITE_ZEROES carry no payload, so the maximum block size does not bound them: a
 # client may zero the whole export in one request. They are done this many bytes per C
 # call, because a forced disable waits for the calls running (the call guard in raw.c and
@@ -63,7 +62,7 @@ class RawBackend:
     def zero_is_fast(self, may_trim: bool) -> bool:
         return True  # a punched hole, plus an allocation when holes are not allowed
 
-    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
+    def zero(self, offset: int, count: int, may_trim: bool, fua: bool) -> None:
         # Without may_trim the client asked for allocated zeros (NBD_CMD_FLAG_NO_HOLE).
         _zero_in_chunks(lambda off, n, last_fua: self.raw.zero(
             off, n, allocate=not may_trim, fua=last_fua), offset, count, self.size,
@@ -98,7 +97,7 @@ class SectorBackend:
         # Setting Z flags writes no data; without zero-flag=on, zeroing writes every sector.
         return self.zero_flag and may_trim
 
-    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
+    def zero(self, offset: int, count: int, may_trim: bool, fua: bool) -> None:
         ss = self.sector_size
         one = self.btt.set_zero if self.zero_flag and may_trim else self.btt.write_zeroes
         _zero_in_chunks(lambda off, n, last_fua: one(off // ss, n // ss, last_fua),

@@ -15,8 +15,7 @@ import traceback
 
 import nbdkit
 
-from btt_core.engine import MAX_EXTENTS
-from plugin.backends import MAX_REQUEST
+from btt_core.engine import MAX_EXTENTS, MAX_REQUEST
 from control.server import error_text
 from nvdimm.regionfile import lock_region
 from plugin.exports import Registry
@@ -359,14 +358,14 @@ def zero(h, count, offset, flags):
         nbdkit.set_error(errno.EOPNOTSUPP)
         return
     try:
-        h.backend.zero(count, offset, may_trim, bool(flags & nbdkit.FLAG_FUA))
+        h.backend.zero(offset, count, may_trim, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
         raise _error(e)
 
 
 def trim(h, count, offset, flags):
     try:
-        h.backend.zero(count, offset, True, bool(flags & nbdkit.FLAG_FUA))
+        h.backend.zero(offset, count, True, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
         raise _error(e)
 
