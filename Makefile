@@ -18,7 +18,7 @@ DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
 	fuse3 e2fsprogs util-linux strace
 
-.PHONY: venv test test-long serve bench clean deps
+.PHONY: venv test test-long serve bench clean deps lint
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
@@ -35,6 +35,16 @@ $(STAMP): setup.cfg setup.py pyproject.toml cffi_build.py $(wildcard btt_core/*.
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
+
+# The gates CI runs before the tests (.ci/run): ruff (pyflakes, pycodestyle, bugbear, isort)
+# and mypy, configured in pyproject.toml. Versions are pinned so a finding means the code
+# changed, not the linter.
+LINT_TOOLS := ruff==0.17.6 mypy==2.4.1
+
+lint: venv
+	@$(PY) -c "import ruff, mypy" 2>/dev/null || $(PY) -m pip install -q $(LINT_TOOLS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: venv
 	PATH=/usr/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS)

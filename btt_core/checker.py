@@ -168,7 +168,8 @@ def _walk(io, base, end, version):
         if not primary["signature_ok"] and not arenas:
             return []  # nothing here that looks like a BTT of this version
         major, minor = (int(x) for x in version.split("."))
-        primary["version_ok"] = (primary["version_major"], primary["version_minor"]) == (major, minor)
+        version = (primary["version_major"], primary["version_minor"])
+        primary["version_ok"] = version == (major, minor)
         backup = None
         if primary["signature_ok"] and 4096 <= primary["info2off"] < end - base - start:
             backup = _decode(io, base + start + primary["info2off"], end)

@@ -253,8 +253,8 @@ def _run(args) -> int:
 
 
 def cmd_create_region(args) -> int:
-    from nvdimm.labels import LabelArea
     from control.verbs import parse_size
+    from nvdimm.labels import LabelArea
     try:
         size, label_size = parse_size(args.size), parse_size(args.label_size)
         LabelArea.create(args.file, size, label_size=label_size,

@@ -24,11 +24,15 @@ import errno
 import re
 import uuid as uuidlib
 
-from nvdimm.regionfile import DEVICE_NAME
 from nvdimm.attrs import check_alt_name, parse_uuid
-from nvdimm.constants import (BTT_INFO_OFFSET, BTT_VERSION_FOR_CLASS, MIN_CLAIM_SIZE,
-                              PMEM_SECTOR_SIZES)
+from nvdimm.constants import (
+    BTT_INFO_OFFSET,
+    BTT_VERSION_FOR_CLASS,
+    MIN_CLAIM_SIZE,
+    PMEM_SECTOR_SIZES,
+)
 from nvdimm.errors import NdError
+from nvdimm.regionfile import DEVICE_NAME
 
 BTT_NAME = re.compile(r"btt\d+\.\d+$")  # a btt device, not an alt_name that starts so
 # NBD has no integrity channel for 520/528/41xx sectors: exports carry what pmem labels can

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 
+
 class Namespace:
     """namespaceR.M: an extent of the region, raw-bound, claimed, or idle."""
 

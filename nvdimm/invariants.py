@@ -57,12 +57,12 @@ def check_invariants(region) -> None:
     uuids = [ns.uuid for ns in region.namespaces.values() if ns.uuid is not None]
     require(len(uuids) == len(set(uuids)), "duplicate namespace uuids")
     extents = region._extents()
-    for (a_start, a_len), (b_start, _) in zip(extents, extents[1:]):
+    for (a_start, a_len), (b_start, _) in zip(extents, extents[1:], strict=False):
         require(a_start + a_len <= b_start, "namespace extents overlap")
     require(all(0 <= s and s + n <= region.size for s, n in extents),
             "an extent lies outside the region")
     require(0 <= region.available_size <= region.size, "available_size out of range")
     if region.labelled:
-        stored = sorted((l.key() for l in region.store.load()), key=str)
-        expected = sorted((l.key() for l in region._labels()), key=str)
+        stored = sorted((label.key() for label in region.store.load()), key=str)
+        expected = sorted((label.key() for label in region._labels()), key=str)
         require(stored == expected, "the labels do not describe the namespaces")

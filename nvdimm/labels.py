@@ -341,7 +341,7 @@ class LabelArea:
     def _load(self) -> None:
         """Finds the current index (128-byte probe first, then 256, as Linux) and its labels."""
         reasons = []
-        for version, label_size in LABEL_SIZES.items():
+        for version, label_size in LABEL_SIZES.items():  # noqa: B007 - both kept after break
             index_size, _ = area_geometry(self.area_size, label_size)
             blocks = []
             for block_no in (0, 1):
@@ -414,21 +414,21 @@ class LabelArea:
                 raise LabelError(errno.EUCLEAN, f"slots {seen[label.uuid]} and {label.slot} "
                                  f"both hold namespace {label.uuid} (conflicting extents)")
             seen[label.uuid] = label.slot
-        extents = sorted((l.offset, l.offset + l.size, l.slot)
-                         for l in [*self.labels.values(), *self.foreign.values()])
-        for (_, end, slot_a), (start, _, slot_b) in zip(extents, extents[1:]):
+        extents = sorted((label.offset, label.offset + label.size, label.slot)
+                         for label in [*self.labels.values(), *self.foreign.values()])
+        for (_, end, slot_a), (start, _, slot_b) in zip(extents, extents[1:], strict=False):
             if start < end:
                 raise LabelError(errno.EUCLEAN, f"the extents of slots {slot_a} and {slot_b} "
                                  "overlap")
 
     def namespaces(self) -> list[NamespaceLabel]:
         """The live namespaces, in file-offset order (copies: edit them freely)."""
-        return [dataclasses.replace(l) for l in sorted(self.labels.values(),
-                                                       key=lambda l: l.offset)]
+        return [dataclasses.replace(label) for label in sorted(self.labels.values(),
+                                                       key=lambda label: label.offset)]
 
     def reserved_extents(self) -> list[tuple[int, int]]:
         """(offset, size) of capacity held by labels we do not manage (other cookies)."""
-        return sorted((l.offset, l.size) for l in self.foreign.values())
+        return sorted((label.offset, label.size) for label in self.foreign.values())
 
     @property
     def seq(self) -> int:
@@ -467,7 +467,7 @@ class LabelArea:
                                  f"{', '.join(valid_classes)}")
             extents.append((label.offset, label.offset + label.size, what))
         extents.sort()
-        for (_, end, a), (start, _, b) in zip(extents, extents[1:]):
+        for (_, end, a), (start, _, b) in zip(extents, extents[1:], strict=False):
             if start < end:
                 raise LabelError(errno.EINVAL, f"{a} and {b} overlap")
 

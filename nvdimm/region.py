@@ -113,7 +113,7 @@ class Region:
             return
         self.enabled = True
         if self.labelled:
-            for label in sorted(self.store.load(), key=lambda l: l.offset):
+            for label in sorted(self.store.load(), key=lambda label: label.offset):
                 self._new_namespace("pmem", offset=label.offset, size=label.size,
                                     uuid=label.uuid, alt_name=label.name,
                                     sector_size=label.sector_size,
@@ -210,7 +210,7 @@ class Region:
         failed label write changes nothing."""
         before = self._labels()
         after = self._labels({ns: fields})
-        if self.labelled and [l.key() for l in before] != [l.key() for l in after]:
+        if self.labelled and [label.key() for label in before] != [label.key() for label in after]:
             try:
                 self.store.save(after)
             except LabelError as e:

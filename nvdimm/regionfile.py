@@ -7,8 +7,8 @@ import os
 import re
 
 from btt_core import BttError
-from nvdimm.labels import LabelArea, LabelError
 from nvdimm.errors import NdError
+from nvdimm.labels import LabelArea, LabelError
 from nvdimm.media import FileMedia
 from nvdimm.region import Region
 from nvdimm.stores import AreaStore, NoLabels

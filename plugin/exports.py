@@ -23,6 +23,7 @@ from nvdimm.region import Region
 from nvdimm.regionfile import DEVICE_NAME, open_region
 from plugin.backends import RAW_SECTOR, RawBackend, SectorBackend
 
+
 class Export:
     """One namespace as the server sees it: its live backend (or None) and its clients."""
 

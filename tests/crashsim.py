@@ -91,7 +91,7 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
         if op.kind in ("write", "zero"):
             op.lba = min(op.lba % b.nlba, b.nlba - op.n)
     touched = {op.lba + i for op in ops if op.kind in ("write", "zero") for i in range(op.n)}
-    for lba in touched | {l % b.nlba for l in (preflags or {})}:
+    for lba in touched | {flagged % b.nlba for flagged in (preflags or {})}:
         try:
             initial[lba] = b.read(lba, 1)
         except BttError:

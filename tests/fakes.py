@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 
-from nvdimm.errors import NdError
 from nvdimm.constants import BTT_INFO_OFFSET, KiB
+from nvdimm.errors import NdError
 from nvdimm.labels import NamespaceLabel
 
 
@@ -17,13 +17,13 @@ class MemoryStore:
 
     def __init__(self, size: int, version: str = "1.2", namespaces=(), reserved=()):
         self.size, self.version = size, version
-        self.labels = [dataclasses.replace(l) for l in namespaces]
+        self.labels = [dataclasses.replace(label) for label in namespaces]
         self.reserved = list(reserved)
         self.saves = 0
         self.fail_with: OSError | None = None  # tests: make the next save fail
 
     def load(self) -> list[NamespaceLabel]:
-        return [dataclasses.replace(l) for l in self.labels]
+        return [dataclasses.replace(label) for label in self.labels]
 
     def reserved_extents(self) -> list[tuple[int, int]]:
         return list(self.reserved)
@@ -32,7 +32,7 @@ class MemoryStore:
         if self.fail_with:
             err, self.fail_with = self.fail_with, None
             raise err
-        self.labels = [dataclasses.replace(l) for l in labels]
+        self.labels = [dataclasses.replace(label) for label in labels]
         self.saves += 1
 
 

@@ -49,10 +49,12 @@ def damage(io, arenas, version, rng):
         for _ in range(rng.randint(1, 3)):
             if rng.random() < 0.5:
                 name = rng.choice(U32_FIELDS)
-                fields[name] = rng.choice(U32_EXTREMES + [fields[name] + rng.randint(-300, 300)]) % 2**32
+                near = fields[name] + rng.randint(-300, 300)
+                fields[name] = rng.choice(U32_EXTREMES + [near]) % 2**32
             else:
                 name = rng.choice(U64_FIELDS)
-                fields[name] = rng.choice(U64_EXTREMES + [fields[name] + rng.choice([-4096, 4096])]) % 2**64
+                near = fields[name] + rng.choice([-4096, 4096])
+                fields[name] = rng.choice(U64_EXTREMES + [near]) % 2**64
         io.poke(off, pack_info(fields))  # a valid checksum: validation must catch the field
     elif kind == "flog":
         for _ in range(rng.randint(1, 6)):
@@ -62,8 +64,9 @@ def damage(io, arenas, version, rng):
     else:
         for _ in range(rng.randint(1, 20)):
             lba = rng.randrange(a["external_nlba"])
-            value = rng.choice([rng.randrange(2**32), 0xC0000000 | rng.randrange(a["internal_nlba"]),
-                                0xC0000000 | (a["internal_nlba"] + rng.randrange(1000)), 0x40000000])
+            nlba = a["internal_nlba"]
+            value = rng.choice([rng.randrange(2**32), 0xC0000000 | rng.randrange(nlba),
+                                0xC0000000 | (nlba + rng.randrange(1000)), 0x40000000])
             io.poke(base + a["mapoff"] + 4 * lba, struct.pack("<I", value))
     return kind
 

@@ -6,7 +6,6 @@ returns a short description of what it did.
 """
 from __future__ import annotations
 
-
 from btt_core._btt_cffi import lib
 from btt_core.checker import read_infoblock
 from btt_core.engine import Btt, BttError

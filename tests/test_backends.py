@@ -4,9 +4,10 @@ import errno
 import pytest
 
 from btt_core import Btt, BttError
-from conftest import MiB, pattern
 from plugin import backends
 from plugin.backends import RawBackend, SectorBackend, _zero_in_chunks
+
+from conftest import MiB, pattern
 
 BLOCK = 4096
 
@@ -98,3 +99,16 @@ def test_sector_backend_zeroes_by_flag_or_by_writing(btt_file, zero_flag):
     holes = [e for e in b.block_status(0, 4 * BLOCK) if e[2]]
     assert bool(holes) is zero_flag  # Z entries read as holes; written zeros are data
     b.close()
+
+
+def test_raw_zero_after_close_is_refused(tmp_path):
+    path = str(tmp_path / "raw.img")
+    with open(path, "wb") as f:
+        f.write(b"\xab" * (1 * MiB))
+    b = RawBackend(path, 0, 1 * MiB, readonly=False)
+    b.close()
+    with pytest.raises(OSError) as e:
+        b.zero(0, 4096, True, False)
+    assert e.value.errno == errno.ESHUTDOWN
+    with open(path, "rb") as f:
+        assert f.read(4096) == b"\xab" * 4096

@@ -14,9 +14,10 @@ import time
 import pytest
 
 from btt_core import Btt
+from control.server import request
+
 from conftest import MiB, pattern
 from nbd_helpers import Server, connect
-from control.server import request
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e

@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from btt_core import SECTOR_SIZES, Btt, BttError, check_namespace, read_infoblock
+
 from conftest import GiB, MiB, pattern
 
 SIZE = 48 * MiB
@@ -194,6 +195,7 @@ def test_rewrite_log_is_crash_safe():
     """Every prefix of --repair --rewrite-log's writes, and any subset of those not yet
     synced, leaves a BTT that opens, reads every sector right and checks clean."""
     import random
+
     from btt_core import Io, check_io
     io = Io.memory(40 * MiB)
     Btt.format_io(io, size=40 * MiB)
@@ -235,7 +237,8 @@ def test_rewrite_log_is_crash_safe():
             img.poke(off, data)
         verify(img)
     rng = random.Random(3)
-    first_unsynced = sum(1 for r in records[:syncs[-2] + 1] if r[1] == "write") if len(syncs) > 1 else 0
+    first_unsynced = (sum(1 for r in records[:syncs[-2] + 1] if r[1] == "write")
+                      if len(syncs) > 1 else 0)
     for _ in range(100):
         img = base.clone()
         for i, (off, data) in enumerate(writes):

@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from btt_core import Btt
-from conftest import MiB, pattern
 from bttctl import check as cli_check
+
+from conftest import MiB, pattern
 
 
 def bttctl(*args):

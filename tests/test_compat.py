@@ -1,7 +1,9 @@
-"""Images written by other BTT implementations: old (0,2) flog padding, PMDK flag bits (§6.3, §6.5)."""
+"""Images written by other BTT implementations: old (0,2) flog padding, PMDK flag bits
+(§6.3, §6.5)."""
 import struct
 
 from btt_core import Btt
+
 from conftest import MiB, mem_btt, pattern
 
 BASE = 4096  # v1.1
@@ -43,7 +45,8 @@ def test_old_padding_scheme_0_2_read_and_next_write_lands_in_slot_2():
     assert b.check()["clean"]
     b.close()
     b = Btt.open_io(io, durability="none")
-    assert [b.read(l, 1) for l in (10, 11, 12)] == [pattern(i + 1, 10 + i, 4096) for i in range(3)]
+    assert [b.read(lba, 1) for lba in (10, 11, 12)] == [pattern(i + 1, 10 + i, 4096)
+                                                         for i in range(3)]
     b.close()
 
 

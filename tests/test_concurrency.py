@@ -6,6 +6,7 @@ import time
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB
 
 TAG = 16  # bytes of header: thread, sequence and LBA; the rest repeats them
@@ -38,7 +39,7 @@ def test_threads_overlapping_and_disjoint(tmpfile, durability):
                     for i in range(n):
                         written[lba + i].add(data[i * ss:(i + 1) * ss])
                 b.write(lba, data, fua=rng.random() < 0.1)
-                for r in range(2):  # reads must always see one whole version
+                for _ in range(2):  # reads must always see one whole version
                     rl = rng.choice(shared + own)
                     got = b.read(rl, 1)
                     head = got[:TAG]

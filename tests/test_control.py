@@ -72,7 +72,7 @@ def raw(path, payload, read=True, timeout=5):
         except socket.timeout:
             pass
     s.close()
-    return [json.loads(l) for l in out.splitlines() if l.strip()]
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def test_socket_is_private(server):
@@ -116,7 +116,7 @@ def test_slow_client_times_out(server):
 
 def test_fuzz_random_bytes_and_abrupt_disconnects(server):
     rng = random.Random(5)
-    for i in range(200):
+    for _ in range(200):
         payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
         if rng.random() < 0.5:
             payload += b"\n"

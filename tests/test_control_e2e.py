@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB, pattern
 from nbd_helpers import ENV, Server, connect
 

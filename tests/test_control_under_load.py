@@ -10,10 +10,10 @@ import threading
 import time
 
 import pytest
+from test_namespace_e2e import Ctl, bttctl
 
 from conftest import MiB
 from nbd_helpers import ENV, Server, connect
-from test_namespace_e2e import Ctl, bttctl
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e

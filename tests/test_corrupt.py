@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-import fuzz_corrupt
 from btt_core import Btt, BttError
+
+import fuzz_corrupt
 from conftest import MiB
 
 HERE = os.path.dirname(os.path.abspath(__file__))

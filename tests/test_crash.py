@@ -3,10 +3,12 @@ import os
 import random
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from btt_core._btt_cffi import lib
 
 from crashsim import E_FLAG, GEOMETRIES, Z_FLAG, Op, explore, record
-from btt_core._btt_cffi import lib
 
 LONG = bool(os.environ.get("BTT_LONG"))
 WORKLOADS = 300 if LONG else 60
@@ -145,7 +147,7 @@ def test_crash_states_with_parallel_writers(seed):
     durability = rng.choice(["group", "strict"])
     ops, threads = parallel_workload(rng)
     rec = record(geo, durability, ops, threads=threads)
-    spans = sorted((op.start, op.end, t) for op, t in zip(ops, threads))
+    spans = sorted((op.start, op.end, t) for op, t in zip(ops, threads, strict=True))
     overlaps = sum(1 for i, a in enumerate(spans) for b in spans[i + 1:]
                    if b[0] < a[1] and b[2] != a[2])
     assert overlaps, "the threads ran one after another: nothing parallel was tested"

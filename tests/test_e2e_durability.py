@@ -275,7 +275,7 @@ def test_failing_and_short_pwrite(tmp_path):
     with Btt.open(region, readonly=True) as b:
         assert b.check()["clean"]
         assert b.read(1, 1) == pattern(1, 1, 4096)
-        assert all(b.read(l, 1) == pattern(3, l, 4096) for l in range(3, 12))
+        assert all(b.read(lba, 1) == pattern(3, lba, 4096) for lba in range(3, 12))
 
 
 @needs_fiu

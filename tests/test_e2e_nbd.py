@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB, pattern, run
 from nbd_helpers import ENV, Server, connect
 
@@ -40,7 +41,7 @@ def test_libnbd_roundtrips_sector_mode(server):
     h = connect(server)
     assert h.get_block_size(nbd.SIZE_MINIMUM) == 4096 == h.get_block_size(nbd.SIZE_PREFERRED)
     assert h.can_fua() and h.can_flush() and h.can_multi_conn() and h.can_zero()
-    data = b"".join(pattern(1, l, 4096) for l in range(8))
+    data = b"".join(pattern(1, lba, 4096) for lba in range(8))
     h.pwrite(data, 4096 * 10)
     assert h.pread(len(data), 4096 * 10) == data
     h.pwrite(pattern(2, 3, 4096), 3 * 4096, nbd.CMD_FLAG_FUA)
@@ -190,7 +191,8 @@ def test_fio_verify(tmp_path, server):
     assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("nbdfuse", path=ENV["PATH"]),
+@pytest.mark.skipif(not os.path.exists("/dev/fuse")
+                    or not shutil.which("nbdfuse", path=ENV["PATH"]),
                     reason="needs /dev/fuse and nbdfuse")
 def test_ext4_through_nbdfuse(tmp_path, sector_region):
     """nbdfuse exposes the export as a file; a loop device with 4096-byte sectors on it makes

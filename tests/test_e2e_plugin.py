@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB, pattern
 from nbd_helpers import ENTRY, ENV, Server, connect
 

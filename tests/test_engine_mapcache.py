@@ -10,6 +10,7 @@ import random
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB, mem_btt, pattern
 
 BASE = 4096  # a BTT 1.1 starts 4 KiB into the namespace

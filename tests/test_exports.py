@@ -4,11 +4,12 @@ import errno
 import pytest
 
 from bttctl.namespace import call_offline
-from conftest import MiB, pattern
 from control.verbs import handle
 from nvdimm.errors import NdError
 from nvdimm.labels import LabelArea
 from plugin.exports import Registry
+
+from conftest import MiB, pattern
 
 
 def create(path, **req):

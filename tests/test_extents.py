@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from btt_core import Btt, BttError, Io
 from btt_core._btt_cffi import lib
 from btt_core.raw import RawExport
+
 from conftest import MiB, mem_btt, pattern
 
 HOLE = lib.BTT_EXTENT_HOLE
@@ -33,7 +34,7 @@ def check_shape(ext, offset, length, max_extents):
     assert pos <= offset + length
     if len(ext) < max_extents:
         assert pos == offset + length
-    for (_, _, k1), (_, _, k2) in zip(ext, ext[1:]):
+    for (_, _, k1), (_, _, k2) in zip(ext, ext[1:], strict=False):
         assert k1 != k2  # neighbours of one type are merged
 
 

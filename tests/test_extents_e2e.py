@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 from btt_core import Btt
+
 from conftest import MiB, pattern
 from nbd_helpers import ENV, ROOT, Server
 
@@ -43,7 +44,7 @@ def block_status(h, offset, count, flags=0):
 
     def extent(context, off, entries, err):
         if context == nbd.CONTEXT_BASE_ALLOCATION:
-            got.extend(zip(entries[0::2], entries[1::2]))
+            got.extend(zip(entries[0::2], entries[1::2], strict=True))
         return 0
 
     h.block_status(count, offset, extent, flags)

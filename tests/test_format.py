@@ -4,7 +4,8 @@ import uuid
 
 import pytest
 
-from btt_core import Btt, Io, unpack_info, pack_info
+from btt_core import Btt, Io, pack_info, unpack_info
+
 from conftest import GiB, MiB, mem_btt
 
 SIG = b"BTT_ARENA_INFO\x00\x00"
@@ -50,8 +51,8 @@ def test_info_blocks_byte_exact(tmpfile, version, lbasize):
 def test_table_row_1gib_4096_v11_on_disk(tmpfile):
     with Btt.create(tmpfile, size=1 * GiB) as b:
         a = b.arenas[0]
-        assert (a["external_nlba"], a["internal_nlba"], a["mapoff"], a["logoff"], a["info2off"]) == \
-            (261624, 261880, 0x3FEFA000, 0x3FFFA000, 0x3FFFE000)
+        got = (a["external_nlba"], a["internal_nlba"], a["mapoff"], a["logoff"], a["info2off"])
+        assert got == (261624, 261880, 0x3FEFA000, 0x3FFFA000, 0x3FFFE000)
         assert b.nlba * b.sector_size == 1071611904
         assert b.parent_uuid == str(uuid.UUID(int=0))  # label-less: null parent (§2.1)
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB
 from nbd_helpers import ENV, ROOT, Server, connect
 
@@ -89,7 +90,7 @@ def neighbour_reads(tmp_path, slow_sync, threadmodel, blocker):
         t.start()
         time.sleep(0.6)  # the blocker is inside its first slow fdatasync now
         start = time.monotonic()
-        for i in range(READS):
+        for _ in range(READS):
             assert ha.pread(4096, 0) == b"a" * 4096
         elapsed = time.monotonic() - start
         still_blocked = t.is_alive()

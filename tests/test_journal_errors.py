@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from btt_core import Btt, BttError, Io, boot_id
+
 from conftest import MiB, mem_btt, pattern
 
 
@@ -24,7 +25,7 @@ def test_journal_replays_acknowledged_writes_after_a_process_crash():
     b.abandon()  # kill -9: staged flog/map updates die with the process
     b = Btt.open_io(io, durability="group", journal=journal)
     assert b.stats()["journal_replayed"] == 10
-    assert b.read(0, 10) == b"".join(pattern(1, l, 4096) for l in range(10))
+    assert b.read(0, 10) == b"".join(pattern(1, lba, 4096) for lba in range(10))
     assert b.check()["clean"]
     b.close()
 
@@ -88,7 +89,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert p.stdout.strip() == "acked" and p.returncode == -signal.SIGKILL
     assert os.path.exists(path + ".journal")
     with Btt.open(path) as b:
-        assert b.read(0, 300) == b"".join(pattern(2, l, 4096) for l in range(300))
+        assert b.read(0, 300) == b"".join(pattern(2, lba, 4096) for lba in range(300))
         assert b.check()["clean"]
     assert not os.path.exists(path + ".journal")  # a clean close leaves no journal
 
@@ -113,7 +114,7 @@ def test_error_entry_reads_eio_until_rewritten():
 def test_zero_entry_reads_zeros_for_every_sector_of_a_run():
     """Unlike Linux (§10.1), a Z entry in the middle does not cut the run short."""
     io, b = mem_btt(sector_size=512, durability="strict")
-    data = b"".join(pattern(1, l, 512) for l in range(8))
+    data = b"".join(pattern(1, lba, 512) for lba in range(8))
     b.write(0, data)
     b.set_map_flags(3, 0x80000000)
     got = b.read(0, 8)
@@ -219,7 +220,7 @@ def test_enospc_on_a_full_backing_store(tiny_fs):
 def test_zero_flag_extension(durability):
     io, b = mem_btt(size=40 * MiB, arena_max=16 * MiB, durability=durability)
     edge = b.arenas[1]["lba_start"]
-    data = b"".join(pattern(1, l, 4096) for l in range(edge - 5, edge + 5))
+    data = b"".join(pattern(1, lba, 4096) for lba in range(edge - 5, edge + 5))
     b.write(edge - 5, data)
     b.set_zero(edge - 3, 6)  # crosses the arena boundary
     got = b.read(edge - 5, 10)

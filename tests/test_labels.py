@@ -9,10 +9,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from btt_core.engine import fletcher64
+from nvdimm.labels import (
+    CLAIM_CLASS_GUIDS,
+    PMEM_TYPE_GUID,
+    LabelArea,
+    LabelError,
+    NamespaceLabel,
+    area_geometry,
+    current_index,
+    pack_index,
+    pack_label,
+    qemu_cookies,
+    unpack_index,
+)
+
 from fakes import MemoryMedium
-from nvdimm.labels import (CLAIM_CLASS_GUIDS, PMEM_TYPE_GUID, LabelArea, LabelError,
-                           NamespaceLabel, area_geometry, current_index, pack_index, pack_label,
-                           qemu_cookies, unpack_index)
 
 KiB, MiB = 1 << 10, 1 << 20
 AREA = 128 * KiB
@@ -56,7 +67,7 @@ def ns(n, offset=None, size=16 * MiB, **kw):
 
 
 def keys(area):
-    return [l.key() for l in area.namespaces()]
+    return [label.key() for label in area.namespaces()]
 
 
 # ---- the format, byte for byte ---------------------------------------------------------------
@@ -179,7 +190,7 @@ def test_create_detect_round_trip(tmp_path, version, area_size):
     area.close()
     again = LabelArea.detect(path)
     assert again.version == version and again.area_size == area_size
-    assert keys(again) == [l.key() for l in wanted]
+    assert keys(again) == [label.key() for label in wanted]
     # the raw bytes are where QEMU keeps them: index 0 at S - L
     with open(path, "rb") as f:
         f.seek(256 * MiB)
@@ -225,7 +236,7 @@ def test_update_follows_the_linux_protocol():
     # the new label takes slot 1 (slot 0 is live in the current index), block 0 gets seq 2
     assert [off for off, _ in medium.writes[2:]] == [base + 512 + 256, base]
     assert (area.current, area.seq) == (0, 2)
-    assert [l.slot for l in area.namespaces()] == [1]
+    assert [label.slot for label in area.namespaces()] == [1]
     assert area.index.free[0] and not area.index.free[1]
     writes = len(medium.writes)
     area.update([ns(0, name="renamed")])  # no change, no writes
@@ -314,7 +325,7 @@ def test_label_acceptance(changes, expect):
         return
     area = LabelArea(medium, AREA)
     if expect == "ok":
-        assert [l.uuid for l in area.namespaces()] == [U1]
+        assert [label.uuid for label in area.namespaces()] == [U1]
     elif expect == "unknown":
         [label] = area.namespaces()
         assert label.claim_class == "unknown"
@@ -396,13 +407,13 @@ def test_every_crash_point_leaves_the_old_or_the_new_state(version, grain):
     checked = 0
     for wanted in UPDATES:
         if version == "1.1":
-            wanted = [NamespaceLabel(**{**vars(l), "claim_class": "none"}) for l in wanted]
+            wanted = [NamespaceLabel(**{**vars(label), "claim_class": "none"}) for label in wanted]
         before = bytes(medium.data)
         old = keys(area)
         medium.writes.clear()
         area.update(wanted)
         new = keys(area)
-        assert new == [l.key() for l in sorted(wanted, key=lambda l: l.offset)]
+        assert new == [label.key() for label in sorted(wanted, key=lambda label: label.offset)]
         writes = list(medium.writes)
         for n in range(len(writes) + 1):  # the first n writes landed in full...
             state = bytearray(before)
@@ -471,7 +482,7 @@ def test_random_damage_never_crashes(damage, version):
     labels = back.namespaces()
     for label in labels:
         assert 0 <= label.offset and label.offset + label.size <= back.pmem_size
-    assert len({l.uuid for l in labels}) == len(labels)
+    assert len({label.uuid for label in labels}) == len(labels)
     try:
         back.update(labels[:1])  # a damaged-but-valid area can still be updated
     except LabelError as e:

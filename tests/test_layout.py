@@ -1,8 +1,9 @@
 """Arena layout arithmetic: btt-format.md §4 and the conformance table of §9."""
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from btt_core import BttError, compute_layout, SECTOR_SIZES
+from btt_core import SECTOR_SIZES, BttError, compute_layout
 
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -8,6 +8,7 @@ import types
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB, pattern
 from nbd_helpers import Server, connect
 
@@ -54,7 +55,7 @@ def open_many(server, n):
 
 def soft_nofile(pid):
     with open(f"/proc/{pid}/limits") as f:
-        line = next(l for l in f if l.startswith("Max open files"))
+        line = next(line for line in f if line.startswith("Max open files"))
     return int(line.split()[3])
 
 
@@ -124,6 +125,7 @@ def test_serve_passes_max_connections(tmp_path, region):
     import signal
     import subprocess
     import sys
+
     from nbd_helpers import ENV, ROOT
     sock = str(tmp_path / "s.sock")
     p = subprocess.Popen([sys.executable, "-m", "bttctl.main", "serve", "--region", region,

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
-from conftest import MiB
-from nbd_helpers import ENV, ROOT, Server
 from bttctl.namespace import call_offline
 from control.server import request
 from nvdimm.labels import LabelArea
+
+from conftest import MiB
+from nbd_helpers import ENV, ROOT, Server
 
 BTTCTL = [sys.executable, "-m", "bttctl.main"]
 
@@ -164,7 +165,9 @@ def test_failed_requests_are_one_log_line(tmp_path):
     """Was: a Python traceback in the server log for every misaligned request, and for each
     request of a client whose namespace was disabled under it (item 10)."""
     import nbd
+
     from btt_core import Btt
+
     from nbd_helpers import connect
     path = str(tmp_path / "disk.img")
     Btt.create(path, size=64 * MiB).close()

@@ -4,6 +4,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from btt_core import Btt, Io
+
 from conftest import MiB, pattern
 
 GEOMETRIES = [

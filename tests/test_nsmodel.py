@@ -6,16 +6,16 @@ import uuid
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nvdimm.labels import LabelArea, LabelError
-from fakes import MemoryMedia, MemoryStore
 from nvdimm.attrs import parse_bool, parse_u64, parse_uuid
 from nvdimm.errors import NdError
+from nvdimm.labels import LabelArea, LabelError
 from nvdimm.media import FileMedia
 from nvdimm.region import Region
 from nvdimm.stores import AreaStore, NoLabels
+
+from fakes import MemoryMedia, MemoryStore
 
 MiB = 1 << 20
 U = [str(uuid.UUID(int=0xA0 + i)) for i in range(8)]  # namespace uuids
@@ -322,7 +322,7 @@ def test_identity_changes_are_written_through_and_survive_a_restart():
     assert again.get("namespace0.0/alt_name") == "db"
     assert again.get("namespace0.0/holder_class") == "btt"
     run(again, f"set namespace0.0/uuid {U[2]}")   # relabel: the old label goes
-    assert [str(l.uuid) for l in again.store.labels] == [U[2]]
+    assert [str(label.uuid) for label in again.store.labels] == [U[2]]
 
 
 def test_v11_labels_cannot_record_a_claim_class():
@@ -421,8 +421,8 @@ class RegionMachine(RuleBasedStateMachine):
         return True
 
     def labels(self):
-        return sorted((str(l.uuid), l.size, l.name, l.lbasize, l.claim_class)
-                      for l in self.region.store.labels)
+        return sorted((str(label.uuid), label.size, label.name, label.lbasize, label.claim_class)
+                      for label in self.region.store.labels)
 
     def sync_ref(self, name):
         """After a successful identity write, the reference learns the namespace's label."""
@@ -539,7 +539,7 @@ class RegionMachine(RuleBasedStateMachine):
 
     @invariant()
     def labels_match_the_reference(self):
-        assert {l[0]: (l[1], l[2], l[3]) for l in self.labels()} == \
+        assert {row[0]: (row[1], row[2], row[3]) for row in self.labels()} == \
             {u: v[1:] for u, v in self.ref_labels.items()}
 
 

@@ -9,9 +9,10 @@ import stat
 import pytest
 
 from btt_core import Btt, BttError, Io
+from nvdimm.labels import LabelArea
+
 from conftest import MiB, pattern
 from nbd_helpers import Server, connect
-from nvdimm.labels import LabelArea
 
 
 @pytest.fixture
@@ -115,11 +116,11 @@ def test_region_files_are_not_written_through_links(region, tmp_path):
 
 @pytest.mark.e2e
 def test_server_refuses_a_symlinked_journal(tmp_path, region, victim):
-    pytest.importorskip("nbd")
+    nbd = pytest.importorskip("nbd")
     journal = region + ".journal"
     os.symlink(victim, journal)
     with Server(tmp_path, [region]) as s:
-        with pytest.raises(Exception):
+        with pytest.raises(nbd.Error):
             connect(s)  # the namespace is not served
     log = s.output()
     assert "symbolic link" in log and journal in log and "Traceback" not in log

@@ -11,9 +11,10 @@ import nbd
 import pytest
 
 from btt_core import Btt
+from plugin import pythread
+
 from conftest import MiB
 from nbd_helpers import Server, connect
-from plugin import pythread
 
 
 def test_pin_is_released_only_on_its_own_thread():

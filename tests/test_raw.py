@@ -8,6 +8,7 @@ import pytest
 
 from btt_core import BttError
 from btt_core.raw import RawExport
+
 from conftest import MiB, pattern
 
 OFFSET, SIZE = 1 * MiB, 8 * MiB + 100  # a namespace inside the file, with a ragged tail

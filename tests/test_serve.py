@@ -372,7 +372,7 @@ def test_an_empty_region_says_so(tmp_path, readonly):
         assert "read-only" in err and "bttctl create-namespace" not in err
         return
     ctl = str(tmp_path / "nbd.ctl")
-    cmd = next(l for l in err.splitlines() if "bttctl create-namespace" in l).split()
+    cmd = next(line for line in err.splitlines() if "bttctl create-namespace" in line).split()
     assert cmd[:2] == ["bttctl", "create-namespace"] and "--name" in cmd
     p = _serve(tmp_path, "--region", str(region), "--control", ctl)
     try:
@@ -407,7 +407,7 @@ def test_a_label_less_file_without_a_btt_is_served_with_a_warning(tmp_path):
     region.write_bytes(os.urandom(8 << 20))
     p = _serve(tmp_path, "--region", str(region))
     err = _banner(p)
-    warnings = [l for l in err.splitlines() if "no labels and no BTT" in l]
+    warnings = [line for line in err.splitlines() if "no labels and no BTT" in line]
     assert len(warnings) == 2, err  # nbdkit's log line, and the banner's
     assert str(region) in warnings[0] and "raw" in warnings[0]
     assert "-b 4096" in err

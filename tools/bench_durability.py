@@ -21,6 +21,7 @@ import threading
 import time
 
 import bench  # tools/ is the script's directory
+
 from btt_core import Btt
 
 SIZE = 1 << 30

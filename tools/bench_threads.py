@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ENV, PLUGIN, SIZE, ROOT, emit, start, stop, warm  # noqa: E402
+from bench import ENV, PLUGIN, ROOT, SIZE, emit, start, stop, warm  # noqa: E402
 
 CONFIGS = [("serialize_all", None), ("serialize_requests", None), ("parallel", 2),
            ("parallel", 4), ("parallel", 8), ("parallel", 16)]
