@@ -15,6 +15,7 @@ import os
 import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
+from btt_core.errors import errno_name
 from bttctl.namespace import EXIT_REFUSED, EXIT_USAGE, default_control, refused, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
@@ -84,7 +85,7 @@ class _Progress:
 
 
 def _fail(e: BttError) -> int:
-    print(f"bttctl: {e.strerror if e.strerror else e} ({errno.errorcode.get(e.errno, e.errno)})",
+    print(f"bttctl: {e.strerror if e.strerror else e} ({errno_name(e.errno)})",
           file=sys.stderr)
     if e.errno == errno.ENODEV:
         return EXIT_NO_BTT

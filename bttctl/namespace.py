@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+from btt_core.errors import errno_name
 from control.server import error_reply, error_text, request
 from control.sockets import socket_ident
 
@@ -216,7 +217,7 @@ def refused(e: OSError) -> int:
     """A server, file or namespace that cannot be had, in one line naming the errno; the
     exit status: EBUSY (in use) is a refusal, the rest (no server, no such namespace or
     file) usage errors."""
-    print(f"bttctl: {error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
+    print(f"bttctl: {error_text(errno_name(e.errno), e.strerror or str(e))}",
           file=sys.stderr)
     return EXIT_REFUSED if e.errno == errno.EBUSY else EXIT_USAGE
 
@@ -261,7 +262,7 @@ def cmd_create_region(args) -> int:
                          version=args.label_version).close()
     except OSError as e:
         print(f"bttctl create-region: "
-              f"{error_text(errno.errorcode.get(e.errno, ''), e.strerror or str(e))}",
+              f"{error_text(errno_name(e.errno), e.strerror or str(e))}",
               file=sys.stderr)
         return EXIT_REFUSED
     result = {"file": os.path.abspath(args.file), "size": size, "label_size": label_size,

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 
+from btt_core.errors import errno_name
 from control.sockets import clear_socket_path, socket_ident, unlink_if_same
 
 MAX_LINE = 64 * 1024
@@ -38,7 +39,7 @@ def error_text(err_name: str, text: str) -> str:
 
 
 def error_reply(req_id, err: int, message: str) -> dict:
-    return {"id": req_id, "ok": False, "errno": errno.errorcode.get(err, str(err)), "code": err,
+    return {"id": req_id, "ok": False, "errno": errno_name(err), "code": err,
             "error": message}
 
 

@@ -24,6 +24,7 @@ import errno
 import re
 import uuid as uuidlib
 
+from btt_core.errors import one_line
 from nvdimm.attrs import check_alt_name, parse_uuid
 from nvdimm.constants import (
     BTT_INFO_OFFSET,
@@ -315,7 +316,7 @@ def _state_at_start(registry, listed: list[dict]) -> None:
                 d["mode"] = ns.active_mode
             if ns.name in started.probe_errors:
                 err = started.probe_errors[ns.name]
-                d["refused"] = err.strerror or str(err)
+                d["refused"] = one_line(err)
 
 
 def op_get(registry, req):

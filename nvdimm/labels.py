@@ -360,7 +360,10 @@ class LabelArea:
         self.label_size = label_size
         self.index_size = index_size
         self.current = current_index(*(b.seq if b else None for b in blocks))
-        self.index = blocks[self.current]
+        index = blocks[self.current]
+        if index is None:  # current_index only picks a block that parsed
+            raise LabelError(errno.EUCLEAN, "no current label index block")
+        self.index: IndexBlock = index
         self.cookies = qemu_cookies(self.dimm_slot)
         self.skipped: list[str] = []  # labels Linux would skip, with the reason
         self.labels: dict[int, NamespaceLabel] = {}  # slot -> live label
@@ -408,7 +411,7 @@ class LabelArea:
         self.labels[slot] = label
 
     def _check_set(self) -> None:
-        seen = {}
+        seen: dict[uuidlib.UUID, int] = {}
         for label in self.labels.values():
             if label.uuid in seen:
                 raise LabelError(errno.EUCLEAN, f"slots {seen[label.uuid]} and {label.slot} "

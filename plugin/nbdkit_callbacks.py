@@ -16,6 +16,7 @@ import traceback
 import nbdkit
 
 from btt_core.engine import MAX_EXTENTS, MAX_REQUEST
+from btt_core.errors import errno_name, one_line
 from control.server import error_text
 from nvdimm.regionfile import lock_region
 from plugin.exports import Registry
@@ -92,7 +93,7 @@ def _error(e: OSError) -> Refusal:
     a forced disable is the client's to handle, not a bug here."""
     err = e.errno or errno.EIO
     nbdkit.set_error(err)
-    return Refusal(error_text(errno.errorcode.get(err, "EIO"), e.strerror or str(e)))
+    return Refusal(error_text(errno_name(err), e.strerror or str(e)))
 
 
 # ---- configuration ------------------------------------------------------------------
@@ -187,7 +188,7 @@ def get_ready():
         if settings["control"]:  # bound in after_fork; refuse a bad path before anything starts
             clear_socket_path(settings["control"], "control socket")
     except OSError as e:
-        raise Refusal(e.strerror or str(e)) from None
+        raise Refusal(one_line(e)) from None
     for r in registry.regions:
         # A file with neither labels nor a BTT may be anything (a typo, random bytes, a
         # disk image meant for something else): it is served raw, so say it once.
@@ -195,13 +196,13 @@ def get_ready():
             print(f"nbdkit-btt: warning: {r.path} has no labels and no BTT: served raw, every "
                   f"byte as it is, {'read-only' if r.read_only else 'read-write'}",
                   file=sys.stderr)
-    problems = [(name, e) for r in registry.regions for name, e in r.probe_errors.items()]
-    for name, e in problems:
-        print(f"nbdkit-btt: {name} not enabled: {e.strerror}", file=sys.stderr)
+    problems = [(name, err) for r in registry.regions for name, err in r.probe_errors.items()]
+    for name, err in problems:
+        print(f"nbdkit-btt: {name} not enabled: {one_line(err)}", file=sys.stderr)
     if problems and not any(ns.active_mode for r in registry.regions
                             for ns in r.namespaces.values()):
-        name, e = problems[0]
-        raise Refusal(f"{name}: {e.strerror}; run `bttctl check-namespace`")
+        name, err = problems[0]
+        raise Refusal(f"{name}: {one_line(err)}; run `bttctl check-namespace`")
 
 
 def after_fork():

@@ -6,11 +6,10 @@ returns a short description of what it did.
 """
 from __future__ import annotations
 
-from btt_core._btt_cffi import lib
 from btt_core.checker import read_infoblock
 from btt_core.engine import Btt, BttError
 
-E_FLAG, Z_FLAG = lib.BTT_MAP_E, lib.BTT_MAP_Z
+E_FLAG, Z_FLAG = 0x40000000, 0x80000000  # btt.h BTT_MAP_E, BTT_MAP_Z (hex: not in the cdef)
 
 
 def _arena(path, offset, size, arena):
