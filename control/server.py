@@ -1,7 +1,7 @@
 """The control socket: JSON lines over a Unix socket, one request object per line, one reply
 per line. Transport only; what the requests mean is the handler's business.
 
-Safety rules (design.md, "Control plane"):
+Safety rules (docs/serving.md, "Command line"):
 * the socket is created mode 0600; `private_socket_dir()` makes a 0700 directory for it;
 * peers are identified with SO_PEERCRED: only the server's own uid and root may talk;
 * lines are bounded (64 KiB, whether or not the newline has come), each request has a

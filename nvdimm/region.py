@@ -20,7 +20,7 @@ failed label write leaves the model as it was. The model is not thread-safe: the
 server holds one lock around every call (the kernel's bus lock).
 
 Deviations from Linux, each because Linux is surprising or dangerous there, are marked
-"Deviation:" and listed in docs/namespaces.md.
+"Deviation:" and listed in docs/namespace-model.md §8.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Crash-state simulation over the recording memory backend (test-tools.md §5).
+"""Crash-state simulation over the recording memory backend (docs/engine.md, "Proof").
 
 A workload runs once against a memory image that records every write and every completed
 sync, of the region and of the intent journal, on one shared clock. A crash at clock P

@@ -1,4 +1,4 @@
-"""Process-crash safety (intent journal) and error handling (§7.4, design.md errors table)."""
+"""Process-crash safety (intent journal) and error handling (btt-format.md §7.4, serving.md)."""
 import errno
 import os
 import signal

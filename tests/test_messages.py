@@ -143,23 +143,6 @@ def test_offline_enable_and_disable_are_refused(region, verb):
     assert digest(region) == before
 
 
-def test_nothing_points_outside_the_repository():
-    """The Makefile and comments pointed at a docs directory beside the repository, which
-    a clone does not have."""
-    found = []
-    for top in ("Makefile", "README.md", "docs", "plugin", "btt_core", "tools", "tests"):
-        for dirpath, _, files in os.walk(os.path.join(ROOT, top)) if top not in (
-                "Makefile", "README.md") else [(ROOT, None, [top])]:
-            for name in files:
-                if name.endswith((".so", ".pyc", ".png", ".json")):
-                    continue
-                path = os.path.join(dirpath, name)
-                with open(path, errors="replace") as f:
-                    if "../" + "shared/docs" in f.read():
-                        found.append(os.path.relpath(path, ROOT))
-    assert found == []
-
-
 @pytest.mark.e2e
 def test_failed_requests_are_one_log_line(tmp_path):
     """Was: a Python traceback in the server log for every misaligned request, and for each
