@@ -162,19 +162,20 @@ def _same(primary: dict, backup: dict) -> bool:
 
 
 def _walk(io, base, end, version):
-    arenas, start = [], 0
+    arenas: list[dict] = []
+    start = 0
     while base + start + 4096 <= end and len(arenas) < 1 << 16:
         primary = _decode(io, base + start, end)
         if not primary["signature_ok"] and not arenas:
             return []  # nothing here that looks like a BTT of this version
         major, minor = (int(x) for x in version.split("."))
-        version = (primary["version_major"], primary["version_minor"])
-        primary["version_ok"] = version == (major, minor)
+        found = (primary["version_major"], primary["version_minor"])
+        primary["version_ok"] = found == (major, minor)
         backup = None
         if primary["signature_ok"] and 4096 <= primary["info2off"] < end - base - start:
             backup = _decode(io, base + start + primary["info2off"], end)
         arenas.append({"arena": len(arenas), "start": start, "primary": primary, "backup": backup,
-                       "backup_matches": bool(backup) and _same(primary, backup)})
+                       "backup_matches": backup is not None and _same(primary, backup)})
         if not (primary["signature_ok"] and primary["checksum_ok"]) or not primary["nextoff"]:
             break
         start += primary["nextoff"]

@@ -176,7 +176,8 @@ def _layout_dict(lay) -> dict:
 
 
 def info_dict(info, checksum_ok=None) -> dict:
-    d = {"signature": bytes(info.signature), "uuid": str(_uuid.UUID(bytes=bytes(info.uuid))),
+    d: dict[str, object] = {"signature": bytes(info.signature),
+                            "uuid": str(_uuid.UUID(bytes=bytes(info.uuid))),
          "parent_uuid": str(_uuid.UUID(bytes=bytes(info.parent_uuid)))}
     d.update({k: getattr(info, k) for k in INFO_FIELDS})
     if checksum_ok is not None:
@@ -505,9 +506,10 @@ class Btt:
         owned = self._journal_path is not None
         try:
             _check(lib.btt_shutdown(self._ptr), "close")
-            if owned and self._journal and not self.readonly:
+            jpath = self._journal_path
+            if jpath is not None and self._journal and not self.readonly:
                 # committed: nothing left to replay
-                _remove_journal(self._journal_path, self._journal.ident())
+                _remove_journal(jpath, self._journal.ident())
         finally:
             if owned:
                 if self._journal:

@@ -23,8 +23,9 @@ def one_line(e: OSError) -> str:
 
 
 class ErrnoError(OSError):
-    def __init__(self, err: int, message: str):
-        super().__init__(err, message)
+    def __init__(self, err: int | None, message: str):
+        # An OSError may carry no errno; passed on, that becomes EIO, never "no error".
+        super().__init__(err or _errno.EIO, message)
         self.message = message
 
     def __str__(self) -> str:

@@ -65,8 +65,8 @@ class ControlServer:
         self.max_line = max_line
         self.lock = threading.Lock()  # the "bus lock": one state change at a time
         self._clients = threading.BoundedSemaphore(max_clients)
-        self._sock = None
-        self._thread = None
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
         self._stopping = False
         self._ident = None
 
@@ -84,8 +84,8 @@ class ControlServer:
         self._ident = socket_ident(self.path)
         sock.listen(64)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, args=(sock,),
+                                        name="control-accept", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -98,10 +98,10 @@ class ControlServer:
             self._sock.close()
         unlink_if_same(self.path, self._ident)  # only the socket we bound, nothing put there since
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, sock: socket.socket) -> None:
         while not self._stopping:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError as e:
                 if self._stopping:
                     return

@@ -411,7 +411,7 @@ class LabelArea:
         self.labels[slot] = label
 
     def _check_set(self) -> None:
-        seen: dict[uuidlib.UUID, int] = {}
+        seen: dict[uuidlib.UUID | None, int | None] = {}
         for label in self.labels.values():
             if label.uuid in seen:
                 raise LabelError(errno.EUCLEAN, f"slots {seen[label.uuid]} and {label.slot} "

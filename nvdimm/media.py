@@ -3,6 +3,7 @@ btt_core (the engine decides what a valid BTT is)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid as uuidlib
 
@@ -43,7 +44,7 @@ class IoMedia:
     @staticmethod
     def _info_blocks(io, offset: int, size: int) -> set[int]:
         """Where valid-looking info blocks of any BTT in [offset, offset+size) lie."""
-        blocks = set()
+        blocks: set[int] = set()
         try:
             for found in read_infoblock_io(io, offset=offset, size=size):
                 for arena in found["arenas"]:
@@ -74,7 +75,11 @@ class IoMedia:
         except BttError as e:
             raise NdError(e.errno, f"laying down a BTT at file offset {offset}: "
                           f"{e.strerror}") from None
-        return self.probe(offset, size, version)
+        info = self.probe(offset, size, version)
+        if info is None:  # the engine formatted it; a probe that misses it is a bug to report
+            raise NdError(errno.EIO, f"the BTT just laid down at file offset {offset} is "
+                          "not found again")
+        return info
 
     @staticmethod
     def _zero(io, blocks) -> None:

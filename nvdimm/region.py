@@ -60,6 +60,7 @@ class Region:
         self.forced_read_only = read_only  # read-only media: writing read_only 0 is refused
         self.align = DEFAULT_ALIGN if self.size >= DEFAULT_ALIGN else PAGE
         self.enabled = False
+        self.path = ""  # the region file, when opened from one (nvdimm/regionfile.py)
         self.namespaces: dict[str, Namespace] = {}
         self.btts: dict[str, BttDevice] = {}
         self.namespace_seed: Namespace | None = None
@@ -328,7 +329,7 @@ class Region:
             raise NdError(errno.EBUSY, f"{ns.name} is enabled; disable it before changing "
                           f"its {what}")
 
-    def _uuid_in_use(self, value: uuidlib.UUID, ns: Namespace) -> str | None:
+    def _uuid_in_use(self, value: uuidlib.UUID, ns: Namespace | None) -> str | None:
         for other in self.namespaces.values():
             if other is not ns and other.uuid == value:
                 return other.name
@@ -659,7 +660,7 @@ def _ns_resource(ns: Namespace) -> str:
 
 
 def _btt_size(btt: BttDevice) -> str:
-    if not btt.bound:
+    if not btt.bound or btt.info is None:
         raise NdError(errno.ENXIO, f"{btt.name} is not enabled")
     return str(btt.info["size"])
 

@@ -42,7 +42,7 @@ def open_region(path: str, region_id: int, *, autobind: bool = True,
     except LabelError as e:
         raise NdError(e.errno, f"{path}: {e.message}") from None
     if area is not None:
-        store = AreaStore(area)
+        store: AreaStore | NoLabels = AreaStore(area)
     else:
         store = NoLabels(os.path.getsize(path))
     region = Region(store, FileMedia(path), region_id=region_id, read_only=not writable,

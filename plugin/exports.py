@@ -111,6 +111,7 @@ class Registry:
 
     def _wanted(self, region: Region, ns):
         """(key, opener) for what `ns` should serve now, or (None, None)."""
+        key: tuple
         readonly = region.read_only or not os.access(region.path, os.W_OK)
         mode = ns.active_mode
         if mode == "sector":

@@ -26,7 +26,9 @@ import ctypes
 import os
 import sys
 import threading
+from typing import Any
 
+_ensure: Any  # PyGILState_Ensure, or None where the C API is not exported
 try:
     _api = ctypes.pythonapi
     _ensure, _release = _api.PyGILState_Ensure, _api.PyGILState_Release
@@ -65,7 +67,8 @@ class ThreadStatePin:
     __slots__ = ("thread_id", "state")
 
     def __init__(self, thread_id: int, state: int):
-        self.thread_id, self.state = thread_id, state
+        self.thread_id = thread_id
+        self.state: int | None = state  # None once released
 
     def release(self) -> bool:
         """Gives the reference back if called on the thread that took it; True if it did."""

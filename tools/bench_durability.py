@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--no-nbd", action="store_true", help="in process only")
     args = ap.parse_args()
     sys.path.insert(0, bench.ROOT)
-    results = {"nbd": {}, "in_process": {}}
+    results: dict[str, dict] = {"nbd": {}, "in_process": {}}
     with tempfile.TemporaryDirectory(dir=os.path.abspath(args.dir)) as d:
         path = os.path.join(d, "bench.img")
         prepare(path)

@@ -46,6 +46,7 @@ def thread_model():
 def open(readonly):
     global _fd
     if _fd < 0:
+        assert _path is not None  # config_complete refused a missing path
         _fd = os.open(_path, os.O_RDWR)
     if _keep:
         ctypes.pythonapi.PyGILState_Ensure.restype = ctypes.c_int
