@@ -178,7 +178,7 @@ def _layout_dict(lay) -> dict:
 def info_dict(info, checksum_ok=None) -> dict:
     d: dict[str, object] = {"signature": bytes(info.signature),
                             "uuid": str(_uuid.UUID(bytes=bytes(info.uuid))),
-         "parent_uuid": str(_uuid.UUID(bytes=bytes(info.parent_uuid)))}
+                            "parent_uuid": str(_uuid.UUID(bytes=bytes(info.parent_uuid)))}
     d.update({k: getattr(info, k) for k in INFO_FIELDS})
     if checksum_ok is not None:
         d["checksum_ok"] = bool(checksum_ok)
