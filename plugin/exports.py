@@ -17,6 +17,7 @@ import errno
 import os
 import sys
 import threading
+from typing import Any
 
 from nvdimm.errors import NdError
 from nvdimm.region import Region
@@ -29,7 +30,7 @@ class Export:
 
     def __init__(self, region: Region, ns_name: str):
         self.region, self.name = region, ns_name
-        self.backend = None
+        self.backend: Any = None  # a RawBackend or SectorBackend while enabled
         self.key = None  # what the backend was opened for; a change means reopen
         self.alias = ""  # alt_name: a second export name
         self.clients = 0  # open NBD connections (changed under Registry.lock)

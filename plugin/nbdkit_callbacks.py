@@ -12,16 +12,22 @@ import os
 import resource
 import sys
 import traceback
+from typing import Any
 
 import nbdkit
 
 from btt_core.engine import MAX_EXTENTS, MAX_REQUEST
 from btt_core.errors import errno_name, one_line
 from control.server import error_text
+from control.sockets import clear_socket_path
 from nvdimm.regionfile import lock_region
 from plugin.exports import Registry
-from control.sockets import clear_socket_path
-from plugin.pythread import DEFAULT_THREAD_MODEL, ConnectionThreads, keep_thread_state
+from plugin.pythread import (
+    DEFAULT_THREAD_MODEL,
+    ConnectionThreads,
+    ThreadStatePin,
+    keep_thread_state,
+)
 
 API_VERSION = 2
 
@@ -34,16 +40,18 @@ __all__ = ["API_VERSION", "config", "config_complete", "thread_model", "get_read
 THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
                  "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
                  "parallel": nbdkit.THREAD_MODEL_PARALLEL}
-settings = {"regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
-            "threadmodel": DEFAULT_THREAD_MODEL, "commit-ms": "50", "control": None,
-            "max-connections": None}
+settings: dict[str, Any] = {
+    "regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
+    "threadmodel": DEFAULT_THREAD_MODEL, "commit-ms": "50", "control": None,
+    "max-connections": None}
 registry = Registry(settings)
 control_server = None
 connections = {"open": 0}  # NBD connections past open(), under registry.lock
 DEFAULT_MAX_CONNECTIONS = 256
 FD_HEADROOM = 64  # descriptors kept for nbdkit itself (~12), region files and journals, and
                   # the control socket's clients (up to 32)
-region_locks = []  # open descriptors holding each region file's lock until the process exits
+# Open descriptors holding each region file's lock until the process exits.
+region_locks: list[int] = []
 
 
 class Connection:
@@ -56,11 +64,11 @@ class Connection:
     def __init__(self, export, readonly, parallel: bool):
         self.export, self.backend, self.readonly = export, export.backend, readonly
         self.pread, self.pwrite = export.backend.pread, export.backend.pwrite  # bound once
-        self.thread_state = None
+        self.thread_state: ThreadStatePin | None = None
         # PARALLEL: requests run on nbdkit's worker threads, each pinned by its first read
         # or write (plugin/pythread.py). Serialized models pay nothing for it.
         self.workers = ConnectionThreads() if parallel else None
-        if parallel:
+        if self.workers is not None:
             self.pread = self.workers.pinned(self.pread)
             self.pwrite = self.workers.pinned(self.pwrite)
 
@@ -134,7 +142,7 @@ def config_complete():
     settings["max-connections"] = _connection_cap(settings["max-connections"])
     if not settings["regions"]:
         raise ValueError("give at least one region=FILE")
-    seen = {}
+    seen: dict[tuple[int, int], str] = {}
     for path in settings["regions"]:
         if not os.path.isfile(path):
             raise ValueError(f"region={path}: no such file")
@@ -334,21 +342,21 @@ def pread(h, buf, offset, flags):
     try:
         h.pread(buf, offset)
     except OSError as e:
-        raise _error(e)
+        raise _error(e) from None
 
 
 def pwrite(h, buf, offset, flags):
     try:
         h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA)
     except OSError as e:
-        raise _error(e)
+        raise _error(e) from None
 
 
 def flush(h, flags):
     try:
         h.backend.flush()
     except OSError as e:
-        raise _error(e)
+        raise _error(e) from None
 
 
 def zero(h, count, offset, flags):
@@ -361,14 +369,14 @@ def zero(h, count, offset, flags):
     try:
         h.backend.zero(offset, count, may_trim, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
-        raise _error(e)
+        raise _error(e) from None
 
 
 def trim(h, count, offset, flags):
     try:
         h.backend.zero(offset, count, True, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
-        raise _error(e)
+        raise _error(e) from None
 
 
 def extents(h, count, offset, flags):
@@ -378,4 +386,4 @@ def extents(h, count, offset, flags):
         return h.backend.block_status(offset, count,
                                       1 if flags & nbdkit.FLAG_REQ_ONE else MAX_EXTENTS)
     except OSError as e:
-        raise _error(e)
+        raise _error(e) from None
