@@ -18,6 +18,19 @@ def mem_btt(size=32 * MiB, sector_size=4096, version="1.1", durability="none", a
     return io, Btt.open_io(io, offset=offset, size=size, durability=durability, journal=journal)
 
 
+def btt_file(path, size: int = 64 * MiB, **kw) -> str:
+    """A label-less region file holding a fresh BTT (4096-byte sectors unless told)."""
+    Btt.create(str(path), size=size, **kw).close()
+    return str(path)
+
+
+def sparse_file(path, size: int = 16 * MiB) -> str:
+    """A region file of holes: no labels, no BTT, served raw."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
 def pattern(tag: int, lba: int, size: int) -> bytes:
     """Sector content that names its write: any mix-up or tear is visible."""
     head = f"w{tag:08d}-l{lba:010d}|".encode()

@@ -3,11 +3,11 @@ import errno
 
 import pytest
 
-from btt_core import Btt, BttError
+from btt_core import BttError
 from plugin import backends
 from plugin.backends import RawBackend, SectorBackend, _zero_in_chunks
 
-from conftest import MiB, pattern
+from conftest import MiB, btt_file, pattern, sparse_file
 
 BLOCK = 4096
 
@@ -20,17 +20,12 @@ def read(b, length, offset):
 
 @pytest.fixture
 def raw_file(tmp_path):
-    path = str(tmp_path / "raw.img")
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-    return path
+    return sparse_file(tmp_path / "raw.img", 16 * MiB)
 
 
 @pytest.fixture
-def btt_file(tmp_path):
-    path = str(tmp_path / "btt.img")
-    Btt.create(path, size=32 * MiB).close()
-    return path
+def btt_region(tmp_path):
+    return btt_file(tmp_path / "btt.img", 32 * MiB)
 
 
 def test_zero_in_chunks_splits_and_puts_fua_on_the_last_piece(monkeypatch):
@@ -85,8 +80,8 @@ def test_raw_backend_read_only(raw_file):
 
 
 @pytest.mark.parametrize("zero_flag", [False, True])
-def test_sector_backend_zeroes_by_flag_or_by_writing(btt_file, zero_flag):
-    b = SectorBackend(btt_file, offset=0, size=None, readonly=False, durability="strict",
+def test_sector_backend_zeroes_by_flag_or_by_writing(btt_region, zero_flag):
+    b = SectorBackend(btt_region, offset=0, size=None, readonly=False, durability="strict",
                       zero_flag=zero_flag, commit_ms=0)
     assert (b.mode, b.sector_size) == ("sector", 4096)
     for lba in range(4):

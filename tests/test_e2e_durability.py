@@ -14,6 +14,7 @@ import time
 import pytest
 
 from btt_core import Btt
+
 from conftest import MiB, pattern
 from nbd_helpers import ENV, Server, connect
 

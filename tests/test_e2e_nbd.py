@@ -9,7 +9,7 @@ import pytest
 
 from btt_core import Btt
 
-from conftest import MiB, pattern, run
+from conftest import MiB, btt_file, pattern, run, sparse_file
 from nbd_helpers import ENV, Server, connect
 
 nbd = pytest.importorskip("nbd")
@@ -18,17 +18,12 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def sector_region(tmp_path):
-    path = str(tmp_path / "region.img")
-    Btt.create(path, size=256 * MiB).close()
-    return path
+    return btt_file(tmp_path / "region.img", 256 * MiB)
 
 
 @pytest.fixture
 def raw_region(tmp_path):
-    path = str(tmp_path / "raw.img")
-    with open(path, "wb") as f:
-        f.truncate(64 * MiB)
-    return path
+    return sparse_file(tmp_path / "raw.img", 64 * MiB)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from btt_core import Btt
 
-from conftest import MiB, pattern
+from conftest import MiB, btt_file, pattern, sparse_file
 from nbd_helpers import ENTRY, ENV, Server, connect
 
 nbd = pytest.importorskip("nbd")
@@ -18,18 +18,13 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def sector_region(tmp_path):
-    path = str(tmp_path / "region.img")
-    Btt.create(path, size=64 * MiB).close()
-    return path
+    return btt_file(tmp_path / "region.img", 64 * MiB)
 
 
 @pytest.fixture
 def raw_region(tmp_path):
     """A raw file whose size is not a multiple of the 4096-byte block."""
-    path = str(tmp_path / "raw.img")
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB + 1000)
-    return path
+    return sparse_file(tmp_path / "raw.img", 16 * MiB + 1000)
 
 
 def allocated(path):

@@ -16,7 +16,7 @@ from btt_core import Btt, BttError, Io
 from btt_core._btt_cffi import lib
 from btt_core.raw import RawExport
 
-from conftest import MiB, mem_btt, pattern
+from conftest import MiB, mem_btt, pattern, sparse_file
 
 HOLE = lib.BTT_EXTENT_HOLE
 assert HOLE == 3  # NBD_STATE_HOLE | NBD_STATE_ZERO, passed through to nbdkit as it is
@@ -275,10 +275,7 @@ def test_a_sparse_terabyte_answers_fast(tmp_path):
 
 @pytest.fixture
 def raw_file(tmp_path):
-    path = str(tmp_path / "raw.img")
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-    return path
+    return sparse_file(tmp_path / "raw.img", 16 * MiB)
 
 
 def test_raw_block_status_follows_the_file(raw_file):

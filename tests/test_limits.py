@@ -7,9 +7,7 @@ import types
 
 import pytest
 
-from btt_core import Btt
-
-from conftest import MiB, pattern
+from conftest import MiB, btt_file, pattern
 from nbd_helpers import Server, connect
 
 nbd = pytest.importorskip("nbd")
@@ -18,9 +16,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def region(tmp_path):
-    path = str(tmp_path / "region.img")
-    Btt.create(path, size=64 * MiB).close()
-    return path
+    return btt_file(tmp_path / "region.img", 64 * MiB)
 
 
 def cpu_seconds(pid):

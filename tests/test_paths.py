@@ -11,15 +11,13 @@ import pytest
 from btt_core import Btt, BttError, Io
 from nvdimm.labels import LabelArea
 
-from conftest import MiB, pattern
+from conftest import MiB, btt_file, pattern
 from nbd_helpers import Server, connect
 
 
 @pytest.fixture
 def region(tmp_path):
-    path = str(tmp_path / "region.img")
-    Btt.create(path, size=64 * MiB).close()
-    return path
+    return btt_file(tmp_path / "region.img", 64 * MiB)
 
 
 @pytest.fixture

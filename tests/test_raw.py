@@ -9,17 +9,14 @@ import pytest
 from btt_core import BttError
 from btt_core.raw import RawExport
 
-from conftest import MiB, pattern
+from conftest import MiB, pattern, sparse_file
 
 OFFSET, SIZE = 1 * MiB, 8 * MiB + 100  # a namespace inside the file, with a ragged tail
 
 
 @pytest.fixture
 def region(tmp_path):
-    path = str(tmp_path / "region.img")
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-    return path
+    return sparse_file(tmp_path / "region.img", 16 * MiB)
 
 
 def test_reads_and_writes_land_at_the_namespace_offset(region):
