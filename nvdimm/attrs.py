@@ -69,6 +69,18 @@ def check_alt_name(value: str) -> str:
     return name
 
 
+def parse_sector_size(text: str, choices) -> int:
+    """One of `choices`, written in decimal (the kernel's nd_size_select_store)."""
+    try:
+        size = int(text.strip())
+    except ValueError:
+        size = 0
+    if size not in choices:
+        raise NdError(errno.EINVAL, f"sector_size {text.strip()!r}; valid: "
+                      f"{', '.join(map(str, choices))}")
+    return size
+
+
 def size_select(selected: int | None, choices) -> str:
     """'512 [4096]': the kernel's nd_size_select_show format."""
     return " ".join(f"[{c}]" if c == selected else str(c) for c in choices)

@@ -27,7 +27,14 @@ from __future__ import annotations
 import errno
 import uuid as uuidlib
 
-from nvdimm.attrs import check_alt_name, parse_bool, parse_u64, parse_uuid, size_select
+from nvdimm.attrs import (
+    check_alt_name,
+    parse_bool,
+    parse_sector_size,
+    parse_u64,
+    parse_uuid,
+    size_select,
+)
 from nvdimm.capacity import free_gaps
 from nvdimm.constants import (
     BTT_INFO_OFFSET,
@@ -375,18 +382,7 @@ class Region:
 
     def _set_ns_sector_size(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "sector_size")
-        self._change(ns, sector_size=self._ns_sector_size(value))
-
-    @staticmethod
-    def _ns_sector_size(value: str) -> int:
-        try:
-            size = int(value.strip())
-        except ValueError:
-            size = None
-        if size not in PMEM_SECTOR_SIZES:
-            raise NdError(errno.EINVAL, f"sector_size {value.strip()!r}; valid: "
-                          f"{', '.join(map(str, PMEM_SECTOR_SIZES))}")
-        return size
+        self._change(ns, sector_size=parse_sector_size(value, PMEM_SECTOR_SIZES))
 
     def _set_ns_holder_class(self, ns: Namespace, value: str) -> None:
         self._refuse_if_busy(ns, "holder_class")
@@ -424,7 +420,7 @@ class Region:
         if owner:
             raise NdError(errno.EINVAL, f"uuid {new_uuid} is already used by {owner}")
         fields = dict(uuid=new_uuid, alt_name=check_alt_name(alt_name),
-                      sector_size=self._ns_sector_size(sector_size),
+                      sector_size=parse_sector_size(sector_size, PMEM_SECTOR_SIZES),
                       claim_class=self._claim_class(ns, holder_class))
         offset = self.check_size(name, size)
         self._change(ns, size=size, offset=offset, **fields)
@@ -446,14 +442,7 @@ class Region:
 
     def _set_btt_sector_size(self, btt: BttDevice, value: str) -> None:
         self._refuse_if_btt_bound(btt, "sector_size")
-        try:
-            size = int(value.strip())
-        except ValueError:
-            size = None
-        if size not in BTT_SECTOR_SIZES:
-            raise NdError(errno.EINVAL, f"sector_size {value.strip()!r}; valid: "
-                          f"{', '.join(map(str, BTT_SECTOR_SIZES))}")
-        btt.sector_size = size
+        btt.sector_size = parse_sector_size(value, BTT_SECTOR_SIZES)
 
     def _set_btt_namespace(self, btt: BttDevice, value: str) -> None:
         """Rows 8, 9 (claim) and 13 (detach with an empty string)."""
