@@ -2,8 +2,8 @@
  * btt.c - the BTT engine: layout, format, discovery and recovery, and the I/O path.
  *
  * On-media format: Linux drivers/nvdimm/btt.c and Documentation/driver-api/nvdimm/btt.rst,
- * summarised in docs/engine.md ("§" numbers below refer to the format notes the engine was
- * written from, kept outside this repository). Durability on an ordinary file: docs/engine.md.
+ * summarised in docs/engine.md ("§" numbers below refer to docs/btt-format.md). Durability
+ * on an ordinary file: docs/engine.md.
  *
  * How a write becomes durable here (every mode uses the same steps; they differ in when
  * a commit runs and whether barriers are real fdatasyncs):
@@ -1042,7 +1042,7 @@ static int discover(struct btt *b, const struct btt_open_params *p, uint64_t btt
 	return 0;
 }
 
-/* ---- the intent journal (design.md, durability rule 5) ------------------------------ */
+/* ---- the intent journal (docs/engine.md, "Durability") ------------------------------ */
 
 /*
  * group mode acknowledges writes whose flog/map updates are only staged in memory. So that
