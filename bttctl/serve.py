@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"worker threads per connection under --threadmodel parallel "
                    f"(default {DEFAULT_WORKERS}: measured best on 2 cores)")
-    p.add_argument("--readonly", action="store_true", help="export read-only (nbdkit -r): nothing is written to the region files")
+    p.add_argument("--readonly", action="store_true",
+                   help="export read-only (nbdkit -r): nothing is written to the region files")
     p.add_argument("--control", help="control socket path (default: beside the NBD socket; "
                    "with --tcp, nbd-PORT.ctl beside the first region)")
     p.add_argument("--max-connections", type=int, metavar="N",
@@ -276,7 +277,8 @@ exports (by alt_name or device name):
   nbdinfo '{uri}'
   {nbd_client}
   qemu-system-x86_64 ... {qemu}
-  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs={first['sector_size']} --size={min(256, first['size'] >> 20)}M
+  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs={first['sector_size']} \\
+      --size={min(256, first['size'] >> 20)}M
 
 Ctrl-C stops the server.""")
 

@@ -62,7 +62,7 @@ def kill_9_cycles(tmp_path, durability, cycles, env=None, connections=1, params=
     share = 240 // connections
     jobs = [dict(name=f"crash{k}", offset=k * share, size=share) for k in range(connections)]
     lost = []
-    for cycle in range(cycles):
+    for _cycle in range(cycles):
         # A fresh region each cycle keeps "every block written at most once" true.
         Btt.create(region, size=256 * MiB).close()
         iologs = [tmp_path / f"iolog{k}" for k in range(connections)]
@@ -72,7 +72,7 @@ def kill_9_cycles(tmp_path, durability, cycles, env=None, connections=1, params=
             fio_job(server.uri(), "--do_verify=0", "--verify_state_save=1",
                     f"--write_iolog={log}", **job), cwd=tmp_path, env=ENV,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for job, log in zip(jobs, iologs)]
+            for job, log in zip(jobs, iologs, strict=True)]
         wait_for_writes(writers, iologs, KILL_AFTER_WRITES)
         server.proc.send_signal(signal.SIGKILL)  # mid-run: requests in flight
         server.proc.wait()

@@ -216,7 +216,7 @@ def test_two_tcp_servers_in_one_directory(tmp_path):
     ports = [_free_port(), _free_port()]
     servers = []
     try:
-        for name, port in zip(("a.img", "b.img"), ports):
+        for name, port in zip(("a.img", "b.img"), ports, strict=True):
             servers.append(start_serve(tmp_path, "--region", str(var / name), "--tcp",
                                        f"127.0.0.1:{port}")[0])
         for port in ports:

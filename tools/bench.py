@@ -16,9 +16,10 @@ measured late in a run read a colder file than the early ones, and a disk-backed
 measured after four other servers, was mostly read from the disk.
 
 Our servers run as `bttctl serve` starts them (the default thread model, serialize_requests:
-every connection at once); `ours-btt-none-serialize_all` is the model before issue 13. A noisy-neighbour
-run (two namespaces of one server, one reading, one writing with fsync) and a sparse copy
-(nbdcopy of a 1 TiB namespace holding 1 GiB, with block status and without) close the run.
+every connection at once); `ours-btt-none-serialize_all` is the model before issue 13. A
+noisy-neighbour run (two namespaces of one server, one reading, one writing with fsync) and a
+sparse copy (nbdcopy of a 1 TiB namespace holding 1 GiB, with block status and without)
+close the run.
 
 Usage: tools/bench.py [--runtime S] [--repeat N] [--rounds N] [--quick] [--only SERVER,...]
                       [--jobs JOB,...] [--no-tmpfs] [--no-disk] [--no-scale] [--no-neighbour]
@@ -114,7 +115,9 @@ def start(argv: list[str], sock: str) -> subprocess.Popen:
     deadline = time.time() + 30
     while not os.path.exists(sock):
         if p.poll() is not None or time.time() > deadline:
-            err = p.stderr.read().decode(errors="replace") if p.poll() is not None else "timeout"
+            err = "timeout"
+            if p.poll() is not None and p.stderr is not None:
+                err = p.stderr.read().decode(errors="replace")
             raise RuntimeError(f"{argv[0]} did not start: {err[-2000:]}")
         time.sleep(0.05)
     return p
@@ -175,8 +178,9 @@ def run_matrix(where: str, dirpath: str, args) -> dict:
     argvs = servers(raw, btt, sock, args.threadmodel, args.plugin)
     names = [n for n in argvs if not args.only or n in args.only]
     jobs = {j: JOBS[j] for j in (args.jobs or JOBS)}
-    runs = {n: {j: [] for j in jobs} for n in names}
-    extra = {n: {"rss_mib": [], "page_cache_before_warm": []} for n in names}
+    runs: dict[str, dict[str, list[dict]]] = {n: {j: [] for j in jobs} for n in names}
+    extra: dict[str, dict[str, list]] = {
+        n: {"rss_mib": [], "page_cache_before_warm": []} for n in names}
     for rnd in range(args.rounds):
         for name in names:
             backing = btt if "btt" in name else raw
@@ -197,7 +201,7 @@ def run_matrix(where: str, dirpath: str, args) -> dict:
                 stop(p)
     results = {}
     for name in names:
-        res = {j: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        res: dict[str, object] = {j: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                for j, rs in runs[name].items()}
         res["rss_mib"] = max(extra[name]["rss_mib"])
         res["page_cache_before_warm"] = extra[name]["page_cache_before_warm"]
@@ -293,7 +297,7 @@ def scale(args) -> dict:
     sys.path.insert(0, ROOT)
     from btt_core import Btt
     sizes = (("1GiB", 1 << 30), ("1TiB", 1 << 40))
-    runs = {label: [] for label, _ in sizes}
+    runs: dict[str, list] = {label: [] for label, _ in sizes}
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
         for label, size in sizes:
             Btt.create(os.path.join(d, label + ".img"), size=size, durability="none").close()
@@ -344,7 +348,7 @@ def sparse_copy(args) -> dict:
     seconds and its time projected from the bytes it read by then."""
     sys.path.insert(0, ROOT)
     from btt_core import Btt
-    out = {}
+    out: dict = {}
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
         img, sock, stats = (os.path.join(d, n) for n in ("sparse.img", "s.sock", "stats.txt"))
         b = Btt.create(img, size=SPARSE_SIZE, durability="none")
@@ -516,7 +520,7 @@ def chart(all_results: dict, path: str) -> bool:
         print("matplotlib not installed: no chart", file=sys.stderr)
         return False
     fig, axes = plt.subplots(len(all_results), 1, figsize=(12, 5 * len(all_results)), squeeze=False)
-    for ax, (where, results) in zip(axes[:, 0], all_results.items()):
+    for ax, (where, results) in zip(axes[:, 0], all_results.items(), strict=True):
         servers_, jobs = list(results), _jobs(results)
         width = 0.8 / len(servers_)
         for i, s in enumerate(servers_):
