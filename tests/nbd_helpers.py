@@ -33,7 +33,9 @@ class Server:
             os.unlink(self.sock)
         self.logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.logf, stderr=self.logf)
-        self._wait_for(lambda: os.path.exists(self.sock), timeout, "nbdkit did not start")
+        # nbdkit binds (the path appears) a moment before it listens; a client that connects
+        # in between gets ECONNREFUSED, so wait for the listening state itself.
+        self._wait_for(lambda: _listening(self.sock), timeout, "nbdkit did not start")
         if self.control:
             # The plugin binds its control socket after nbdkit's, and a path that exists may
             # not listen yet: wait for a connection to be taken.
@@ -72,6 +74,18 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _listening(path: str) -> bool:
+    """Whether a Unix socket is bound at path and listening (/proc/net/unix: flags
+    __SO_ACCEPTCON), without connecting to it: a probe connection would count as a client."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
 
 
 def _answers(path: str) -> bool:
