@@ -120,7 +120,8 @@ def test_psk_with_nbdinfo_libnbd_and_qemu(tmp_path):
     try:
         assert s.uri == f"nbds+unix://alice@/demo?socket={s.sock}&tls-psk-file={keys}"
         info = nbdinfo(s.uri)
-        assert info.returncode == 0 and "with TLS" in info.stdout, info.stderr
+        assert info.returncode == 0, info.stderr
+        assert "with TLS, using structured packets" in info.stdout
         h = nbd.NBD()
         h.set_uri_allow_local_file(True)
         h.connect_uri(s.uri)
