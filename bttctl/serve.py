@@ -232,17 +232,24 @@ def _serve(args, regions, listen, where, control, creds, fds, pid_file) -> int:
             *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
     env = activation.child_env(dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get(
         "PATH", "")), fds)
-    proc = subprocess.Popen(activation.command(argv, fds), env=env, pass_fds=fds)
     stop = {"signals": 0, "at": 0.0}
+    started: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):
         stop["signals"] += 1
         if stop["signals"] == 1:
             stop["at"] = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            for p in started:
+                p.send_signal(signal.SIGTERM)
 
+    # Ctrl-C and SIGTERM (a service manager's stop) are one and the same, from before
+    # nbdkit exists: a SIGTERM in between must not end bttctl without its clean-up.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    proc = subprocess.Popen(activation.command(argv, fds), env=env, pass_fds=fds)
+    started.append(proc)
+    if stop["signals"]:
+        proc.send_signal(signal.SIGTERM)
     reply = _ready(control, proc)
     if reply is None:
         if proc.poll() is None:
