@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # strace).
 DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
-	fuse3 e2fsprogs util-linux strace
+	fuse3 e2fsprogs util-linux strace gnutls-bin systemd
 
 .PHONY: venv test test-long serve bench clean deps lint
 

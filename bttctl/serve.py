@@ -2,8 +2,9 @@
 
 With no arguments it serves ./var/region0.img, creating it first: a sparse, labelled 1 GiB
 region with one 512 MiB sector-mode namespace, "demo", with 4096-byte sectors. The export
-URI goes to stdout; the ready-to-paste client commands and messages to stderr. Ctrl-C
-stops nbdkit cleanly.
+URI goes to stdout; the ready-to-paste client commands and messages to stderr. Ctrl-C or
+SIGTERM stops nbdkit cleanly. TLS is in bttctl/tls.py, socket activation (LISTEN_FDS) in
+bttctl/activation.py, the pid file in bttctl/pidfile.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from bttctl import activation, tls
+from bttctl.pidfile import PidFile, PidFileError
 from control.sockets import clear_socket_path, socket_ident, unlink_if_same
 from plugin.pythread import DEFAULT_THREAD_MODEL, DEFAULT_WORKERS
 
@@ -56,6 +59,17 @@ def register(subparsers) -> None:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="NBD connections served at once; more are refused (default 256, "
                    "fewer if the file descriptor limit is low)")
+    p.add_argument("--tls", choices=tls.MODES, help="nbdkit's TLS: off (the default "
+                   "without credentials), on (TLS or plain text), require (the default with "
+                   "credentials: plain-text clients are refused)")
+    p.add_argument("--tls-certificates", metavar="DIR", help="X.509: DIR holds ca-cert.pem, "
+                   "server-cert.pem and server-key.pem (mode 0600); see docs/serving.md")
+    p.add_argument("--tls-psk", metavar="FILE", help="pre-shared keys, IDENTITY:HEXKEY lines "
+                   "(psktool -u NAME -p FILE), mode 0600")
+    p.add_argument("--tls-verify-peer", action="store_true", help="with --tls-certificates: "
+                   "accept only clients with a certificate signed by ca-cert.pem")
+    p.add_argument("--pid-file", metavar="PATH", help="write bttctl's pid here once serving; "
+                   "removed on a clean exit")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -95,9 +109,19 @@ def _clients(control: str) -> int | None:
         return None
 
 
-def _listen_args(args, var: str):
-    """(nbdkit options, URI text, address, default control path); SystemExit(64) when the
-    address is malformed."""
+def _listen_args(args, var: str, fds: list[int]):
+    """(nbdkit options, address, default control path); SystemExit(64) when the address is
+    malformed. With sockets passed by systemd (fds), nbdkit gets no listening option: it
+    takes them from LISTEN_FDS, and the address is read from the first."""
+    if fds:
+        if args.tcp is not None or args.socket:
+            _say("bttctl serve: --socket/--tcp with socket activation: the socket comes from "
+                 "systemd (LISTEN_FDS); drop the option")
+            raise SystemExit(64)
+        where = activation.address(fds[0])
+        if isinstance(where, str):
+            return [], where, os.path.splitext(where)[0] + ".ctl"
+        return [], where, os.path.join(var, f"nbd-{where[1]}.ctl")
     if args.tcp is not None:
         host, _, port = args.tcp.rpartition(":")
         host = host or "localhost"
@@ -106,10 +130,10 @@ def _listen_args(args, var: str):
             raise SystemExit(64)
         # One control socket per port: two TCP servers with regions in one directory must
         # not fight over one path (bttctl finds it, see bttctl/namespace.py default_control).
-        return (["--ipaddr", host, "--port", port], f"nbd://{host}:{port}", (host, int(port)),
+        return (["--ipaddr", host, "--port", port], (host, int(port)),
                 os.path.join(var, f"nbd-{int(port)}.ctl"))
     sock = os.path.abspath(args.socket or os.path.join(var, "nbd.sock"))
-    return ["--unix", sock], sock, sock, os.path.splitext(sock)[0] + ".ctl"
+    return ["--unix", sock], sock, os.path.splitext(sock)[0] + ".ctl"
 
 
 def _ready(control: str, proc, timeout=30.0) -> dict | None:
@@ -153,13 +177,26 @@ def cmd_serve(args) -> int:
     if not 1 <= args.threads <= 256:
         _say("bttctl serve: --threads must be 1..256")
         return 64
-    var = os.path.dirname(regions[0])
-    listen, where_text, where, default_control = _listen_args(args, var)
-    control = os.path.abspath(args.control or default_control)
-    # Only a stale socket may be replaced: `--socket r.img` or `--control notes.txt`
-    # must not delete the file that is there (control/sockets.py).
     try:
-        if isinstance(where, str):
+        creds = tls.from_args(args.tls, args.tls_certificates, args.tls_psk,
+                              args.tls_verify_peer)
+        fds = activation.listen_fds(os.environ)
+    except (tls.TlsError, activation.ActivationError) as e:
+        _say(f"bttctl serve: {e}")
+        return 64
+    var = os.path.dirname(regions[0])
+    listen, where, default_control = _listen_args(args, var, fds)
+    control = os.path.abspath(args.control or default_control)
+    if not isinstance(where, str):
+        warning = tls.exposure_warning(creds, *where)
+        if warning:
+            _say(warning)
+    pid_file = PidFile(args.pid_file) if args.pid_file else None
+    # Only a stale socket may be replaced: `--socket r.img` or `--control notes.txt`
+    # must not delete the file that is there (control/sockets.py). A socket systemd
+    # passed is systemd's: neither replaced nor removed.
+    try:
+        if isinstance(where, str) and not fds:
             clear_socket_path(where, "NBD socket")
         clear_socket_path(control, "control socket")
     except OSError as e:
@@ -169,25 +206,50 @@ def cmd_serve(args) -> int:
     if locked:
         _say(f"bttctl serve: {locked}")
         return 1
+    try:
+        if pid_file:
+            pid_file.claim()
+    except PidFileError as e:
+        _say(f"bttctl serve: {e}")
+        return 1
+    try:
+        return _serve(args, regions, listen, where, control, creds, fds, pid_file)
+    finally:
+        if pid_file:
+            pid_file.release()
+
+
+def _serve(args, regions, listen, where, control, creds, fds, pid_file) -> int:
     threads = ["--threads", str(args.threads)] if args.threadmodel == "parallel" else []
-    argv = ["nbdkit", "--foreground", *listen, *threads, *(["-r"] if args.readonly else []),
+    # --exit-with-parent: nbdkit must not outlive this wrapper (a kill -9 of bttctl would
+    # leave a server nobody stops, holding the region lock).
+    argv = ["nbdkit", "--foreground", "--exit-with-parent", *listen, *creds.nbdkit_args(),
+            *threads, *(["-r"] if args.readonly else []),
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
             f"control={control}", *(["readonly=on"] if args.readonly else []),
             *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
-    env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
-    proc = subprocess.Popen(argv, env=env)
+    env = activation.child_env(dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get(
+        "PATH", "")), fds)
     stop = {"signals": 0, "at": 0.0}
+    started: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):
         stop["signals"] += 1
         if stop["signals"] == 1:
             stop["at"] = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            for p in started:
+                p.send_signal(signal.SIGTERM)
 
+    # Ctrl-C and SIGTERM (a service manager's stop) are one and the same, from before
+    # nbdkit exists: a SIGTERM in between must not end bttctl without its clean-up.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    proc = subprocess.Popen(activation.command(argv, fds), env=env, pass_fds=fds)
+    started.append(proc)
+    if stop["signals"]:
+        proc.send_signal(signal.SIGTERM)
     reply = _ready(control, proc)
     if reply is None:
         if proc.poll() is None:
@@ -197,30 +259,37 @@ def cmd_serve(args) -> int:
         return 1
     # What nbdkit does not remove itself, or only on a clean exit: removed when we stop,
     # if the paths still name the sockets this server bound.
-    owned = [(p, socket_ident(p)) for p in ([where] if isinstance(where, str) else []) + [control]]
+    ours = [where] if isinstance(where, str) and not fds else []
+    owned = [(p, socket_ident(p)) for p in ours + [control]]
     try:
+        if pid_file:
+            pid_file.publish()
         if stop["signals"] == 0:
-            _banner(args, regions, where, control, reply.get("result", []))
+            _banner(args, regions, where, control, reply.get("result", []), creds)
         return _wait(proc, stop, control)
     finally:
         for path, ident in owned:
             unlink_if_same(path, ident)
 
 
-def _attach(where, export: str, sector_size: int):
-    """(URI, nbd-client command, QEMU options) for one export. nbd-client needs the
-    export's block size (-b): its default of 512 makes the kernel send requests a
-    4096-byte export refuses, and mkfs fails."""
+def _attach(where, export: str, sector_size: int, creds: tls.Tls | None = None):
+    """(URI, nbd-client command, QEMU options) for one export, in their TLS form when the
+    server has TLS on. nbd-client needs the export's block size (-b): its default of 512
+    makes the kernel send requests a 4096-byte export refuses, and mkfs fails."""
+    creds = creds or tls.Tls()
     if isinstance(where, str):
-        return (f"nbd+unix:///{export}?socket={where}",
-                f"nbd-client -unix {where} /dev/nbd0 -N {export} -b {sector_size}",
-                f"-blockdev driver=nbd,server.type=unix,server.path={where},export={export},"
-                f"node-name=disk0 -device virtio-blk-pci,drive=disk0")
-    host, port = where
-    return (f"nbd://{host}:{port}/{export}",
-            f"nbd-client {host} {port} /dev/nbd0 -N {export} -b {sector_size}",
-            f"-blockdev driver=nbd,server.type=inet,server.host={host},server.port={port},"
-            f"export={export},node-name=disk0 -device virtio-blk-pci,drive=disk0")
+        uri = f"nbd+unix:///{export}?socket={where}"
+        nbd_client = f"nbd-client -unix {where} /dev/nbd0 -N {export} -b {sector_size}"
+        server, host = f"server.type=unix,server.path={where}", "localhost"
+    else:
+        host, port = where
+        uri = f"nbd://{host}:{port}/{export}"
+        nbd_client = f"nbd-client {host} {port} /dev/nbd0 -N {export} -b {sector_size}"
+        server = f"server.type=inet,server.host={host},server.port={port}"
+    qemu_object, qemu_tls = creds.qemu_object(host)
+    return (creds.uri(uri), nbd_client + creds.nbd_client_args(),
+            f"{qemu_object}-blockdev driver=nbd,{server},export={export}{qemu_tls},"
+            f"node-name=disk0 -device virtio-blk-pci,drive=disk0")
 
 
 def _export_lines(regions: list[dict]) -> list[str]:
@@ -254,21 +323,29 @@ def _create_hint(args, control: str, regions: list[dict]) -> str:
             f"{size} --name db")
 
 
-def _banner(args, regions, where, control, listed: list[dict]) -> None:
+def _banner(args, regions, where, control, listed: list[dict], creds: tls.Tls) -> None:
     exports = _exports({"result": listed})
     place = where if isinstance(where, str) else f"{where[0]}:{where[1]}"
+    secured = f", TLS {creds.mode}" if creds.enabled else ""
     head = (f"\nserving {', '.join(regions)} ({args.durability} durability"
-            f"{', read-only' if args.readonly else ''}) at {place}\ncontrol socket: {control}")
+            f"{', read-only' if args.readonly else ''}{secured}) at {place}\n"
+            f"control socket: {control}")
+    notes = "".join(f"\n  ({note})" for note in creds.notes())
     if not exports:
-        _, nbd_client, _ = _attach(where, "db", 4096)
+        _, nbd_client, _ = _attach(where, "db", 4096, creds)
         _say(f"{head}\n\nno namespaces yet: {_create_hint(args, control, listed)}\n"
-             f"then attach it by its name:\n  {nbd_client}\n\nCtrl-C stops the server.")
+             f"then attach it by its name:\n  {nbd_client}{notes}\n\nCtrl-C stops the server.")
         return
     first = exports[0]
     export = first.get("name") or first["dev"]  # the alt_name outlives a renumbering
-    uri, nbd_client, qemu = _attach(where, export, first["sector_size"])
+    uri, nbd_client, qemu = _attach(where, export, first["sector_size"], creds)
     print(uri, flush=True)
     lines = "\n".join(_export_lines(listed))
+    plain_uri, _, _ = _attach(where, export, first["sector_size"])
+    fio_uri = creds.fio_uri(plain_uri)
+    fio = ("" if fio_uri is None else
+           f"  fio --name=t --ioengine=nbd --uri='{fio_uri}' --rw=randrw "
+           f"--bs={first['sector_size']} \\\n      --size={min(256, first['size'] >> 20)}M")
     _say(f"""{head}
 
 exports (by alt_name or device name):
@@ -277,8 +354,7 @@ exports (by alt_name or device name):
   nbdinfo '{uri}'
   {nbd_client}
   qemu-system-x86_64 ... {qemu}
-  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs={first['sector_size']} \\
-      --size={min(256, first['size'] >> 20)}M
+{fio}{notes}
 
 Ctrl-C stops the server.""")
 
