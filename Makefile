@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 
 # Debian packages: build (gcc, headers, cffi), serving (nbdkit + python plugin) and the
 # real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu,
-# strace).
+# strace), and GlusterFS (a single-node volume the scale-out tests mount twice as two
+# "hosts", tests/glusterfs.py).
 DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
-	fuse3 e2fsprogs util-linux strace
+	fuse3 e2fsprogs util-linux strace glusterfs-server glusterfs-client
 
 .PHONY: venv test test-long serve bench clean deps lint
 
