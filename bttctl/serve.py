@@ -8,12 +8,15 @@ stops nbdkit cleanly.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from control.sockets import clear_socket_path, socket_ident, unlink_if_same
+from nvdimm.lease import MODES as LEASE_MODES
 from plugin.pythread import DEFAULT_THREAD_MODEL, DEFAULT_WORKERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +59,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="NBD connections served at once; more are refused (default 256, "
                    "fewer if the file descriptor limit is low)")
+    p.add_argument("--lease", choices=LEASE_MODES, default="auto",
+                   help="a lease file beside each region (REGION.lease, renewed by the "
+                   "server, refused while fresh) on top of its lock: auto (default) takes one "
+                   "on network and cluster file systems. See docs/scale-out.md")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -127,16 +134,63 @@ def _ready(control: str, proc, timeout=30.0) -> dict | None:
     return None
 
 
-def _check_locks(regions) -> str | None:
-    """Why a region cannot be served (another server holds its lock), or None: said here
-    in one line, before nbdkit starts."""
-    from nvdimm.regionfile import lock_region
+def _check_locks(regions, lease: str) -> str | None:
+    """Why a region cannot be served (another server holds its lock or its lease), or None:
+    said here in one line, before nbdkit starts."""
+    from nvdimm.regionfile import check_region_free
     for r in regions:
         try:
-            os.close(lock_region(r))
+            check_region_free(r, lease)
         except OSError as e:
             return e.strerror or str(e)
     return None
+
+
+class _Stderr:
+    """nbdkit's stderr, passed on line by line. Until the server is up, lines are held
+    back: if nbdkit then exits, its error becomes our one line ("nbdkit did not start:
+    EBUSY: ... is locked by another server"), not a pointer to a message above."""
+
+    # "nbdkit: error: /…/nbdkit_btt.py: get_ready: error: EBUSY: …" -> "EBUSY: …"
+    PREFIX = re.compile(r"^nbdkit: (?:error: )?(?:\S+nbdkit_btt\.py: \w+: error: )?")
+
+    def __init__(self, pipe):
+        self.pipe, self.held, self.passing = pipe, [], False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for line in iter(self.pipe.readline, b""):
+            text = line.decode(errors="replace")
+            with self.lock:
+                if self.passing:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                else:
+                    self.held.append(text)
+
+    def pass_on(self) -> None:
+        """The server is up: what was held back, and everything from now on, goes out."""
+        with self.lock:
+            sys.stderr.write("".join(self.held))
+            sys.stderr.flush()
+            self.held, self.passing = [], True
+
+    def failure(self) -> str:
+        """After nbdkit exited: what it said, as one line (the error first); the plugin's
+        own warnings ("nbdkit-btt: ...") are passed on as they are."""
+        self.thread.join(5)
+        with self.lock:
+            held, self.held = self.held, []
+        ours = [t for t in held if t.startswith("nbdkit-btt:")]
+        said = [self.PREFIX.sub("", t.strip()) for t in held if t not in ours and t.strip()]
+        said.sort(key=lambda t: "error" not in t)  # stable: the error lines first
+        line = "; ".join(said)
+        # A warning that the refusal repeats ("namespace0.0 not enabled: EUCLEAN: ...") is
+        # said once, in the refusal.
+        sys.stderr.write("".join(t for t in ours if t.split(": ", 2)[-1].strip() not in line))
+        return line
 
 
 def cmd_serve(args) -> int:
@@ -165,7 +219,7 @@ def cmd_serve(args) -> int:
     except OSError as e:
         _say(f"bttctl serve: {e.strerror}")
         return 1
-    locked = _check_locks(regions)
+    locked = _check_locks(regions, args.lease)
     if locked:
         _say(f"bttctl serve: {locked}")
         return 1
@@ -174,10 +228,13 @@ def cmd_serve(args) -> int:
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
-            f"control={control}", *(["readonly=on"] if args.readonly else []),
+            f"control={control}", f"lease={args.lease}",
+            *(["readonly=on"] if args.readonly else []),
             *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
-    proc = subprocess.Popen(argv, env=env)
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    nbdkit_stderr = _Stderr(proc.stderr)
     stop = {"signals": 0, "at": 0.0}
 
     def on_signal(signum, frame):
@@ -193,8 +250,11 @@ def cmd_serve(args) -> int:
         if proc.poll() is None:
             proc.kill()
         rc = proc.wait()
-        _say(f"bttctl serve: nbdkit did not start (exit {rc}); see its message above")
+        why = nbdkit_stderr.failure()
+        _say(f"bttctl serve: nbdkit did not start: {why}" if why else
+             f"bttctl serve: nbdkit did not start (exit {rc}) and said nothing")
         return 1
+    nbdkit_stderr.pass_on()
     # What nbdkit does not remove itself, or only on a clean exit: removed when we stop,
     # if the paths still name the sockets this server bound.
     owned = [(p, socket_ident(p)) for p in ([where] if isinstance(where, str) else []) + [control]]
