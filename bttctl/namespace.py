@@ -2,7 +2,8 @@
 get | set | create-region`: ndctl's namespace verbs.
 
 Every verb except create-region runs against a running server (`--control PATH`, printed
-by `bttctl serve`; default: see default_control) or offline on a region file (`--region FILE`). Both
+by `bttctl serve`; default: see default_control; repeated, one view over several servers:
+bttctl/cluster.py) or offline on a region file (`--region FILE`). Both
 go through the same code (control/verbs.py); offline, the region file's lock is held for the
 command, so it cannot race a server. JSON on stdout, messages on stderr naming the errno.
 Exit status: 0 success, 1 refused (the errno says why), 64 usage error or no server.
