@@ -16,7 +16,7 @@ import threading
 import time
 
 from control.sockets import clear_socket_path, socket_ident, unlink_if_same
-from nvdimm.lease import MODES as LEASE_MODES
+from nvdimm import lease
 from plugin.pythread import DEFAULT_THREAD_MODEL, DEFAULT_WORKERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,10 +59,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="NBD connections served at once; more are refused (default 256, "
                    "fewer if the file descriptor limit is low)")
-    p.add_argument("--lease", choices=LEASE_MODES, default="auto",
+    p.add_argument("--lease", choices=lease.MODES, default="auto",
                    help="a lease file beside each region (REGION.lease, renewed by the "
                    "server, refused while fresh) on top of its lock: auto (default) takes one "
                    "on network and cluster file systems. See docs/scale-out.md")
+    p.add_argument("--lease-ttl", type=float, default=lease.TTL, metavar="SECONDS",
+                   help=f"seconds without a heartbeat after which another server may take "
+                   f"the lease over (default {lease.TTL:g}; renewed every quarter of it)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -134,13 +137,13 @@ def _ready(control: str, proc, timeout=30.0) -> dict | None:
     return None
 
 
-def _check_locks(regions, lease: str) -> str | None:
+def _check_locks(regions, lease_mode: str) -> str | None:
     """Why a region cannot be served (another server holds its lock or its lease), or None:
     said here in one line, before nbdkit starts."""
     from nvdimm.regionfile import check_region_free
     for r in regions:
         try:
-            check_region_free(r, lease)
+            check_region_free(r, lease_mode)
         except OSError as e:
             return e.strerror or str(e)
     return None
@@ -204,6 +207,9 @@ def cmd_serve(args) -> int:
     if args.max_connections is not None and args.max_connections < 1:
         _say("bttctl serve: --max-connections must be 1 or more")
         return 64
+    if not lease.MIN_TTL <= args.lease_ttl <= lease.MAX_TTL:
+        _say(f"bttctl serve: --lease-ttl must be {lease.MIN_TTL:g}..{lease.MAX_TTL:g} seconds")
+        return 64
     if not 1 <= args.threads <= 256:
         _say("bttctl serve: --threads must be 1..256")
         return 64
@@ -228,7 +234,7 @@ def cmd_serve(args) -> int:
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
-            f"control={control}", f"lease={args.lease}",
+            f"control={control}", f"lease={args.lease}", f"lease-ttl={args.lease_ttl:g}",
             *(["readonly=on"] if args.readonly else []),
             *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))

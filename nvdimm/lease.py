@@ -41,6 +41,7 @@ RECORD_SIZE = 512
 MAGIC = b"BTTLEAS1"
 HEADER = 16            # magic, crc32 of the rest, length of the JSON text
 TTL = 15.0             # seconds without a heartbeat after which a lease is stale
+MIN_TTL, MAX_TTL = 2.0, 3600.0  # what a server may be given (lease-ttl=)
 SETTLE = 1.0           # seconds a new holder waits before reading its record back
 MODES = ("auto", "on", "off")
 # File systems whose locks are enforced by another host's code (or not at all across
@@ -111,7 +112,7 @@ def decode(raw: bytes) -> dict | None:
         "heartbeat": (int, float), "ttl": (int, float)}
     if not isinstance(rec, dict) or any(not isinstance(rec.get(k), t) for k, t in kinds.items()):
         return None
-    if rec["state"] not in ("held", "released") or not 0 < rec["ttl"] <= 3600:
+    if rec["state"] not in ("held", "released") or not 0 < rec["ttl"] <= MAX_TTL:
         return None
     return rec
 

@@ -22,8 +22,7 @@ from btt_core.engine import MAX_EXTENTS, MAX_REQUEST
 from btt_core.errors import errno_name, one_line
 from control.server import error_text
 from control.sockets import clear_socket_path
-from nvdimm.lease import MODES as LEASE_MODES
-from nvdimm.lease import TTL as LEASE_TTL
+from nvdimm import lease
 from nvdimm.regionfile import RegionLock, lock_region
 from plugin.exports import Registry
 from plugin.pythread import (
@@ -47,7 +46,7 @@ THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
 settings: dict[str, Any] = {
     "regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
     "threadmodel": DEFAULT_THREAD_MODEL, "commit-ms": "50", "control": None,
-    "max-connections": None, "lease": "auto", "lease-ttl": LEASE_TTL}
+    "max-connections": None, "lease": "auto", "lease-ttl": lease.TTL}
 registry = Registry(settings)
 control_server = None
 connections = {"open": 0}  # NBD connections past open(), under registry.lock
@@ -138,16 +137,17 @@ def config(key, value):
             raise ValueError(f"max-connections={value}: use a number of connections, 1 or more")
         settings[key] = int(value)
     elif key == "lease":
-        if value not in LEASE_MODES:
-            raise ValueError(f"lease={value}: use {', '.join(LEASE_MODES)}")
+        if value not in lease.MODES:
+            raise ValueError(f"lease={value}: use {', '.join(lease.MODES)}")
         settings[key] = value
     elif key == "lease-ttl":
         try:
             ttl = float(value)
         except ValueError:
             ttl = 0.0
-        if not 2 <= ttl <= 3600:
-            raise ValueError(f"lease-ttl={value}: use 2..3600 seconds")
+        if not lease.MIN_TTL <= ttl <= lease.MAX_TTL:
+            raise ValueError(f"lease-ttl={value}: use {lease.MIN_TTL:g}..{lease.MAX_TTL:g} "
+                             "seconds")
         settings[key] = ttl
     else:
         raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
