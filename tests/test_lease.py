@@ -86,12 +86,20 @@ def test_the_heartbeat_keeps_a_short_lease(region):
         held.close()
 
 
-def test_of_two_servers_taking_a_stale_lease_at_once_one_wins(region):
-    """Both read the stale record and write theirs; reading it back after the settle tells
-    each whether it won: exactly one goes on."""
+def _take_at_once(region, monkeypatch, n=2):
+    """n acquirers of a stale lease, each writing its record only once all have read the
+    stale one (the worst interleaving, made certain): (leases got, refusals)."""
     lease.acquire(region, ttl=0.1, settle=0)  # left held, then stale
     time.sleep(0.15)
-    got, refused, gate = [], [], threading.Barrier(2)
+    got, refused, gate, all_read = [], [], threading.Barrier(n), threading.Barrier(n)
+    write = lease.Lease._write
+
+    def write_after_all_read(self, state):
+        if state == "held" and not getattr(self, "raced", False):
+            self.raced = True
+            all_read.wait(5)
+        write(self, state)
+    monkeypatch.setattr(lease.Lease, "_write", write_after_all_read)
 
     def take():
         gate.wait()
@@ -99,14 +107,30 @@ def test_of_two_servers_taking_a_stale_lease_at_once_one_wins(region):
             got.append(lease.acquire(region, settle=0.3))
         except NdError as e:
             refused.append(e)
-    threads = [threading.Thread(target=take) for _ in range(2)]
+    threads = [threading.Thread(target=take) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return got, refused
+
+
+def test_of_two_servers_taking_a_stale_lease_at_once_one_wins(region, monkeypatch):
+    """Both read the stale record and write theirs; reading it back after the settle tells
+    each whether it won: exactly one goes on."""
+    got, refused = _take_at_once(region, monkeypatch)
     assert len(got) == 1 and len(refused) == 1, refused
     assert "is leased by" in str(refused[0])
     got[0].close()
+
+
+def test_the_race_check_catches_a_lease_that_skips_its_read_back(region, monkeypatch):
+    """The mutation: an acquire that takes its own write for granted lets both win."""
+    monkeypatch.setattr(lease.Lease, "ours", lambda self, rec: True)
+    got, _ = _take_at_once(region, monkeypatch)
+    assert len(got) == 2
+    for held in got:
+        os.close(held.fd)
 
 
 def test_damaged_or_foreign_lease_files(region, tmp_path):
