@@ -10,6 +10,7 @@ mounted twice, as host A and host B, served by the real server and driven by lib
 * crash consistency: fio verify across kill -9 on the volume, check-namespace clean.
 """
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -153,7 +154,8 @@ def _write_sets(h, n):
 def _kill_9_after_writes(tmp_path, region, n, env=None):
     # commit-ms=60000: no timer commit, so set 2 is acknowledged through the journal alone
     # when the server dies (n stays below half an arena's lanes, which would commit).
-    s = _server(tmp_path, "a", region, "commit-ms=60000", env=env).start()
+    s = _server(tmp_path, "a", region, "commit-ms=60000", f"control={tmp_path}/a.ctl",
+                env=env).start()
     try:
         h = connect(s)
         _write_sets(h, n)
@@ -188,8 +190,15 @@ def test_failover_kill_9_on_host_a_then_serve_from_host_b(tmp_path, hosts, mutat
         with _open_readonly(region_b, boot=None) as same:  # control: this boot replays
             assert same.stats()["journal_replayed"] == N
 
-    with _server(tmp_path, "b", region_b) as s:  # the lease of a dead pid here is stale
-        h = connect(s)
+    with _server(tmp_path, "b", region_b, f"control={tmp_path}/b.ctl") as s:  # the lease
+        h = connect(s)                                   # of a dead pid here is stale
+        if mutation is None:
+            # One control view over both hosts' sockets finds the namespace by its uuid
+            # where it runs now; A's socket, left by the killed server, is skipped.
+            (ns,) = json.loads(bttctl("list", "--control", f"{tmp_path}/b.ctl").stdout)
+            p = bttctl("get", f"{ns['uuid']}/size", "--control", f"{tmp_path}/a.ctl",
+                       "--control", f"{tmp_path}/b.ctl")
+            assert p.returncode == 0 and int(p.stdout) == ns["raw_size"], p.stderr
         flushed_lost = [lba for lba in range(N) if h.pread(SECTOR, lba * SECTOR)
                         != pattern(1, lba, SECTOR)]
         acked_lost = [lba for lba in range(N, 2 * N) if h.pread(SECTOR, lba * SECTOR)
