@@ -13,12 +13,13 @@ PYTEST_ARGS ?=
 
 # Debian packages: build (gcc, headers, cffi), serving (nbdkit + python plugin) and the
 # real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu,
-# strace).
+# strace), and GlusterFS (a single-node volume the scale-out tests mount twice as two
+# "hosts", tests/glusterfs.py).
 DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
-	fuse3 e2fsprogs util-linux strace gnutls-bin systemd
+	fuse3 e2fsprogs util-linux strace gnutls-bin systemd glusterfs-server glusterfs-client
 
-.PHONY: venv test test-long serve bench clean deps lint
+.PHONY: venv test test-long serve bench bench-shared clean deps lint
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
@@ -58,6 +59,12 @@ serve: venv
 bench: venv
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q 'matplotlib>=3.6'
 	PATH=/usr/bin:$$PATH $(PY) tools/bench.py $(ARGS)
+
+# The BTT against nbdkit's file plugin on a shared file system (a single-node GlusterFS
+# volume it makes and removes, as root; ARGS="--dir DIR" for one you mounted): ratios in
+# docs/bench/shared.md, cited by docs/scale-out.md.
+bench-shared: venv
+	PATH=/usr/bin:$$PATH $(PY) tools/bench_shared.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info btt_core/_btt_cffi*.so btt_core/_btt_cffi.c .pytest_cache .hypothesis

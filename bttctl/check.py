@@ -160,7 +160,17 @@ def _check_served(args) -> int:
                       f"({reply['errno']})", file=sys.stderr)
 
 
+def _several_controls(args) -> bool:
+    if len(getattr(args, "controls", [])) > 1:
+        print("bttctl: give one --control: a namespace is checked through its own server",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_check(args) -> int:
+    if _several_controls(args):
+        return EXIT_USAGE
     if args.rewrite_log and not args.repair:
         print("bttctl: --rewrite-log needs --repair (it rewrites the log)", file=sys.stderr)
         return EXIT_USAGE
@@ -196,7 +206,7 @@ def _check_file(args, locked: bool = False) -> int:
         return _check_locked(args)
     finally:
         if lock is not None:
-            os.close(lock)
+            lock.close()
 
 
 def _check_locked(args) -> int:
@@ -238,6 +248,8 @@ def _print_check(r) -> None:
 
 
 def cmd_read_infoblock(args) -> int:
+    if _several_controls(args):
+        return EXIT_USAGE
     namespace_uuid = None  # a label-less namespace has none: only a null parent_uuid is valid
     if args.region_file or args.control or _names_a_namespace(args.target):
         try:  # reading is safe while the namespace is served

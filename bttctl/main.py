@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    namespace.one_control(args)
     try:
         return args.func(args)
     except BrokenPipeError:  # `bttctl list | head`: the reader has all it wanted

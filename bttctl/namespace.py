@@ -2,7 +2,8 @@
 get | set | create-region`: ndctl's namespace verbs.
 
 Every verb except create-region runs against a running server (`--control PATH`, printed
-by `bttctl serve`; default: see default_control) or offline on a region file (`--region FILE`). Both
+by `bttctl serve`; default: see default_control; repeated, one view over several servers:
+bttctl/cluster.py) or offline on a region file (`--region FILE`). Both
 go through the same code (control/verbs.py); offline, the region file's lock is held for the
 command, so it cannot race a server. JSON on stdout, messages on stderr naming the errno.
 Exit status: 0 success, 1 refused (the errno says why), 64 usage error or no server.
@@ -121,9 +122,11 @@ def _verb(subparsers, name: str, helptext: str, description: str):
 def where_args(p, region_help: str) -> None:
     """--control SOCK or --region FILE: where a verb finds its namespaces (`run` reads them)."""
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--control", default=None,
+    where.add_argument("--control", default=None, action="append",
                        help=f"a running server's control socket (default: {DEFAULT_CONTROL}, "
-                       "or the only var/nbd-PORT.ctl of a TCP server)")
+                       "or the only var/nbd-PORT.ctl of a TCP server); repeat it for one view "
+                       "over several servers, e.g. other hosts' sockets forwarded with ssh -L "
+                       "(docs/scale-out.md)")
     where.add_argument("--region", dest="region_file", metavar="FILE", action="append",
                        default=None, help=region_help)
 
@@ -158,8 +161,8 @@ def offline(paths, lock: bool = True):
             registry.add_region(path)
         yield registry
     finally:
-        for fd in locks:
-            os.close(fd)
+        for held in locks:
+            held.close()
 
 
 def default_control() -> str:
@@ -225,8 +228,25 @@ def refused(e: OSError) -> int:
 OFFLINE_REFUSED = ("enable-namespace", "disable-namespace")
 
 
+def one_control(args) -> None:
+    """--control is repeatable (bttctl/cluster.py); the verbs that talk to one server find
+    it in args.control, the whole list in args.controls."""
+    given = getattr(args, "control", None)
+    if isinstance(given, list):
+        args.controls, args.control = given, given[0] if len(given) == 1 else None
+    else:
+        args.controls = [given] if given else []
+
+
 def _run(args) -> int:
+    from bttctl import cluster
     req = args.request(args)
+    if not getattr(args, "region_file", None) and (len(args.controls) > 1 or
+                                                   cluster.names_uuid(req)):
+        try:
+            return cluster.run(args.controls or [default_control()], req)
+        except OSError as e:
+            return refused(e)
     if getattr(args, "region_file", None) and req["op"] in OFFLINE_REFUSED:
         # Offline nothing is served, and enabled is not kept on media (Linux keeps no such
         # flag in the labels either): a server enables every namespace it can at start.

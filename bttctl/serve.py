@@ -9,14 +9,17 @@ bttctl/activation.py, the pid file in bttctl/pidfile.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from bttctl import activation, tls
 from bttctl.pidfile import PidFile, PidFileError
 from control.sockets import clear_socket_path, socket_ident, unlink_if_same
+from nvdimm import lease
 from plugin.pythread import DEFAULT_THREAD_MODEL, DEFAULT_WORKERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +73,13 @@ def register(subparsers) -> None:
                    "accept only clients with a certificate signed by ca-cert.pem")
     p.add_argument("--pid-file", metavar="PATH", help="write bttctl's pid here once serving; "
                    "removed on a clean exit")
+    p.add_argument("--lease", choices=lease.MODES, default="auto",
+                   help="a lease file beside each region (REGION.lease, renewed by the "
+                   "server, refused while fresh) on top of its lock: auto (default) takes one "
+                   "on network and cluster file systems. See docs/scale-out.md")
+    p.add_argument("--lease-ttl", type=float, default=lease.TTL, metavar="SECONDS",
+                   help=f"seconds without a heartbeat after which another server may take "
+                   f"the lease over (default {lease.TTL:g}; renewed every quarter of it)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -151,16 +161,63 @@ def _ready(control: str, proc, timeout=30.0) -> dict | None:
     return None
 
 
-def _check_locks(regions) -> str | None:
-    """Why a region cannot be served (another server holds its lock), or None: said here
-    in one line, before nbdkit starts."""
-    from nvdimm.regionfile import lock_region
+def _check_locks(regions, lease_mode: str) -> str | None:
+    """Why a region cannot be served (another server holds its lock or its lease), or None:
+    said here in one line, before nbdkit starts."""
+    from nvdimm.regionfile import check_region_free
     for r in regions:
         try:
-            os.close(lock_region(r))
+            check_region_free(r, lease_mode)
         except OSError as e:
             return e.strerror or str(e)
     return None
+
+
+class _Stderr:
+    """nbdkit's stderr, passed on line by line. Until the server is up, lines are held
+    back: if nbdkit then exits, its error becomes our one line ("nbdkit did not start:
+    EBUSY: ... is locked by another server"), not a pointer to a message above."""
+
+    # "nbdkit: error: /…/nbdkit_btt.py: get_ready: error: EBUSY: …" -> "EBUSY: …"
+    PREFIX = re.compile(r"^nbdkit: (?:error: )?(?:\S+nbdkit_btt\.py: \w+: error: )?")
+
+    def __init__(self, pipe):
+        self.pipe, self.held, self.passing = pipe, [], False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for line in iter(self.pipe.readline, b""):
+            text = line.decode(errors="replace")
+            with self.lock:
+                if self.passing:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                else:
+                    self.held.append(text)
+
+    def pass_on(self) -> None:
+        """The server is up: what was held back, and everything from now on, goes out."""
+        with self.lock:
+            sys.stderr.write("".join(self.held))
+            sys.stderr.flush()
+            self.held, self.passing = [], True
+
+    def failure(self) -> str:
+        """After nbdkit exited: what it said, as one line (the error first); the plugin's
+        own warnings ("nbdkit-btt: ...") are passed on as they are."""
+        self.thread.join(5)
+        with self.lock:
+            held, self.held = self.held, []
+        ours = [t for t in held if t.startswith("nbdkit-btt:")]
+        said = [self.PREFIX.sub("", t.strip()) for t in held if t not in ours and t.strip()]
+        said.sort(key=lambda t: "error" not in t)  # stable: the error lines first
+        line = "; ".join(said)
+        # A warning that the refusal repeats ("namespace0.0 not enabled: EUCLEAN: ...") is
+        # said once, in the refusal.
+        sys.stderr.write("".join(t for t in ours if t.split(": ", 2)[-1].strip() not in line))
+        return line
 
 
 def cmd_serve(args) -> int:
@@ -173,6 +230,9 @@ def cmd_serve(args) -> int:
             return 64
     if args.max_connections is not None and args.max_connections < 1:
         _say("bttctl serve: --max-connections must be 1 or more")
+        return 64
+    if not lease.MIN_TTL <= args.lease_ttl <= lease.MAX_TTL:
+        _say(f"bttctl serve: --lease-ttl must be {lease.MIN_TTL:g}..{lease.MAX_TTL:g} seconds")
         return 64
     if not 1 <= args.threads <= 256:
         _say("bttctl serve: --threads must be 1..256")
@@ -202,7 +262,7 @@ def cmd_serve(args) -> int:
     except OSError as e:
         _say(f"bttctl serve: {e.strerror}")
         return 1
-    locked = _check_locks(regions)
+    locked = _check_locks(regions, args.lease)
     if locked:
         _say(f"bttctl serve: {locked}")
         return 1
@@ -228,7 +288,8 @@ def _serve(args, regions, listen, where, control, creds, fds, pid_file) -> int:
             *(["-v"] if args.verbose else []), "python", ENTRY,
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
-            f"control={control}", *(["readonly=on"] if args.readonly else []),
+            f"control={control}", f"lease={args.lease}", f"lease-ttl={args.lease_ttl:g}",
+            *(["readonly=on"] if args.readonly else []),
             *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
     env = activation.child_env(dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get(
         "PATH", "")), fds)
@@ -246,8 +307,11 @@ def _serve(args, regions, listen, where, control, creds, fds, pid_file) -> int:
     # nbdkit exists: a SIGTERM in between must not end bttctl without its clean-up.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    proc = subprocess.Popen(activation.command(argv, fds), env=env, pass_fds=fds)
+    proc = subprocess.Popen(activation.command(argv, fds), env=env, pass_fds=fds,
+                            stderr=subprocess.PIPE)
     started.append(proc)
+    assert proc.stderr is not None
+    nbdkit_stderr = _Stderr(proc.stderr)
     if stop["signals"]:
         proc.send_signal(signal.SIGTERM)
     reply = _ready(control, proc)
@@ -255,8 +319,11 @@ def _serve(args, regions, listen, where, control, creds, fds, pid_file) -> int:
         if proc.poll() is None:
             proc.kill()
         rc = proc.wait()
-        _say(f"bttctl serve: nbdkit did not start (exit {rc}); see its message above")
+        why = nbdkit_stderr.failure()
+        _say(f"bttctl serve: nbdkit did not start: {why}" if why else
+             f"bttctl serve: nbdkit did not start (exit {rc}) and said nothing")
         return 1
+    nbdkit_stderr.pass_on()
     # What nbdkit does not remove itself, or only on a clean exit: removed when we stop,
     # if the paths still name the sockets this server bound.
     ours = [where] if isinstance(where, str) and not fds else []

@@ -13,6 +13,7 @@ kernel's errno, before anything has changed. Requests are JSON objects; "op" sel
    "name": "db", "uuid": null, "region": "region0"}
   {"op": "create-namespace", "reconfig": "namespace0.1", "force": true, "mode": "raw"}
   {"op": "destroy-namespace", "namespace": "namespace0.1", "force": false}
+  {"op": "server"}  (who answers: host, pid, boot id, region files)
 
 A namespace may be named by its name or its alt_name. Changes that would take an export
 away from connected NBD clients are refused with EBUSY unless "force" is true; forced, the
@@ -21,9 +22,12 @@ clients' next requests fail.
 from __future__ import annotations
 
 import errno
+import os
 import re
+import socket
 import uuid as uuidlib
 
+from btt_core.engine import boot_id
 from btt_core.errors import one_line
 from nvdimm.attrs import check_alt_name, parse_uuid
 from nvdimm.constants import (
@@ -544,9 +548,16 @@ def op_destroy(registry, req):
     return {"dev": ns.name, "destroyed": True}
 
 
-OPS = {"list": op_list, "get": op_get, "set": op_set, "enable-namespace": op_enable,
-       "disable-namespace": op_disable, "create-namespace": op_create,
-       "destroy-namespace": op_destroy}
+def op_server(registry, req):
+    """Who answers on this socket: one control view over several servers (bttctl/cluster.py)
+    names each namespace's host, and a socket forwarded from another host says which."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": boot_id().hex(),
+            "serving": registry.serving, "regions": [r.path for r in registry.regions]}
+
+
+OPS = {"server": op_server, "list": op_list, "get": op_get, "set": op_set,
+       "enable-namespace": op_enable, "disable-namespace": op_disable,
+       "create-namespace": op_create, "destroy-namespace": op_destroy}
 
 
 def handle(registry, req: dict):

@@ -3,6 +3,7 @@
     nbdkit -U SOCK python plugin/nbdkit_btt.py region=FILE [region=FILE ...]
            [durability=group|strict|none] [zero-flag=on|off] [threadmodel=...]
            [commit-ms=50] [control=PATH] [readonly=on] [max-connections=N]
+           [lease=auto|on|off] [lease-ttl=SECONDS]
 
 Data callbacks are one line each: the namespace's backend does one C call (sector mode)
 or one syscall (raw mode). Errors become the errno the client sees via nbdkit.set_error.
@@ -10,6 +11,7 @@ or one syscall (raw mode). Errors become the errno the client sees via nbdkit.se
 import errno
 import os
 import resource
+import signal
 import sys
 import traceback
 from typing import Any
@@ -20,7 +22,8 @@ from btt_core.engine import MAX_EXTENTS, MAX_REQUEST
 from btt_core.errors import errno_name, one_line
 from control.server import error_text
 from control.sockets import clear_socket_path
-from nvdimm.regionfile import lock_region
+from nvdimm import lease
+from nvdimm.regionfile import RegionLock, lock_region
 from plugin.exports import Registry
 from plugin.pythread import (
     DEFAULT_THREAD_MODEL,
@@ -43,15 +46,15 @@ THREAD_MODELS = {"serialize_all": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
 settings: dict[str, Any] = {
     "regions": [], "durability": "group", "zero-flag": "off", "readonly": "off",
     "threadmodel": DEFAULT_THREAD_MODEL, "commit-ms": "50", "control": None,
-    "max-connections": None}
+    "max-connections": None, "lease": "auto", "lease-ttl": lease.TTL}
 registry = Registry(settings)
 control_server = None
 connections = {"open": 0}  # NBD connections past open(), under registry.lock
 DEFAULT_MAX_CONNECTIONS = 256
 FD_HEADROOM = 64  # descriptors kept for nbdkit itself (~12), region files and journals, and
                   # the control socket's clients (up to 32)
-# Open descriptors holding each region file's lock until the process exits.
-region_locks: list[int] = []
+# Each region file's lock (and lease, docs/scale-out.md), held until the process exits.
+region_locks: list[RegionLock] = []
 
 
 class Connection:
@@ -133,9 +136,23 @@ def config(key, value):
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"max-connections={value}: use a number of connections, 1 or more")
         settings[key] = int(value)
+    elif key == "lease":
+        if value not in lease.MODES:
+            raise ValueError(f"lease={value}: use {', '.join(lease.MODES)}")
+        settings[key] = value
+    elif key == "lease-ttl":
+        try:
+            ttl = float(value)
+        except ValueError:
+            ttl = 0.0
+        if not lease.MIN_TTL <= ttl <= lease.MAX_TTL:
+            raise ValueError(f"lease-ttl={value}: use {lease.MIN_TTL:g}..{lease.MAX_TTL:g} "
+                             "seconds")
+        settings[key] = ttl
     else:
         raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
-                         f"zero-flag, threadmodel, commit-ms, control, readonly, max-connections")
+                         f"zero-flag, threadmodel, commit-ms, control, readonly, "
+                         f"max-connections, lease, lease-ttl")
 
 
 def config_complete():
@@ -191,7 +208,7 @@ def get_ready():
     # disabled and is reported; if nothing at all can be served, the server does not start.
     try:
         for path in settings["regions"]:
-            region_locks.append(lock_region(path))
+            region_locks.append(lock_region(path, settings["lease"], settings["lease-ttl"]))
             registry.add_region(path)
         if settings["control"]:  # bound in after_fork; refuse a bad path before anything starts
             clear_socket_path(settings["control"], "control socket")
@@ -213,8 +230,26 @@ def get_ready():
         raise Refusal(f"{name}: {one_line(err)}; run `bttctl check-namespace`")
 
 
+def _lease_lost(e: OSError) -> None:
+    # Another server may be writing this region now: every further write of ours could
+    # corrupt its BTT. Stop as a kill -9 would; the intent journal is on the region's file
+    # system for whoever holds it next (docs/scale-out.md, "The lease file").
+    print(f"nbdkit-btt: {one_line(e)}; stopping this server at once", file=sys.stderr,
+          flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def after_fork():
     global control_server
+    # The lease names this process (nbdkit may have forked since get_ready): renew it now,
+    # then from a thread, which must start after the fork to exist at all.
+    for held in region_locks:
+        if held.lease is not None:
+            try:
+                held.lease.renew()
+            except OSError as lost:
+                raise Refusal(one_line(lost)) from None
+            held.lease.start_heartbeat(_lease_lost)
     # `nbdkit -r` reaches the plugin only per connection (open's readonly argument), so
     # the engines open read-write unless the file itself is read-only or readonly=on
     # (which `bttctl serve --readonly` passes with -r): then recovery and journal replay
@@ -236,6 +271,9 @@ def cleanup():
     if control_server:
         control_server.stop()
     registry.close_all()
+    for held in region_locks:  # after the engines' last commit: a released lease is free
+        held.close()
+    region_locks.clear()
 
 
 # ---- connections ----------------------------------------------------------------------

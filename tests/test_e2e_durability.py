@@ -54,17 +54,21 @@ def wait_for_writes(writers, iologs, n, timeout=60):
         time.sleep(0.02)
 
 
-def kill_9_cycles(tmp_path, durability, cycles, env=None, connections=1, params=()):
+def kill_9_cycles(tmp_path, durability, cycles, env=None, connections=1, params=(),
+                  size=256, regions=None):
     """Runs write/kill -9/verify cycles; returns the acknowledged writes found lost. With
     several connections, each is its own fio process (its own NBD connection, QD16) over
-    its own slice of the namespace, all at once."""
-    region = str(tmp_path / "region.img")
-    share = 240 // connections
+    its own slice of the namespace, all at once. `regions`: the directory of the region
+    file as the killed server sees it and as the restarted one does (two mounts of one
+    shared file system, tests/test_scale_out.py); tmp_path for both by default."""
+    crash_dir, verify_dir = regions or (tmp_path, tmp_path)
+    region = os.path.join(crash_dir, "region.img")
+    share = size * 15 // 16 // connections
     jobs = [dict(name=f"crash{k}", offset=k * share, size=share) for k in range(connections)]
     lost = []
     for _cycle in range(cycles):
         # A fresh region each cycle keeps "every block written at most once" true.
-        Btt.create(region, size=256 * MiB).close()
+        Btt.create(region, size=size * MiB).close()
         iologs = [tmp_path / f"iolog{k}" for k in range(connections)]
         server = Server(tmp_path, [region], f"durability={durability}", *params,
                         env=env).start()
@@ -87,8 +91,8 @@ def kill_9_cycles(tmp_path, durability, cycles, env=None, connections=1, params=
             in_flight |= pending
             issued += n
         assert issued > 100
-        server = Server(tmp_path, [region], f"durability={durability}", *params,
-                        env=env).start()
+        server = Server(tmp_path, [os.path.join(verify_dir, "region.img")],
+                        f"durability={durability}", *params, env=env).start()
         try:
             for job in jobs:
                 p = subprocess.run(fio_job(server.uri(), "--verify_only",

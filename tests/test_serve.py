@@ -205,6 +205,19 @@ def test_busy_port_is_a_failed_start(tmp_path, region):
     assert not (tmp_path / f"nbd-{port}.ctl").exists()
 
 
+def test_a_refusal_of_nbdkit_is_said_in_one_line(tmp_path, region):
+    """What nbdkit refuses after bttctl's own checks passed (a damaged BTT here; a region
+    another server locked a moment before, in a race) is said in bttctl's one line, not
+    as "nbdkit did not start (exit 1)" after nbdkit's own message."""
+    from inject import _arena, _write
+    base, info = _arena(str(region), 0, None, 0)
+    _write(str(region), base + info["logoff"], b"\xff" * 4096)  # an unknown flog scheme
+    err = _serve_fails(tmp_path, "--region", str(region))
+    assert err.count("\n") == 1, err
+    assert err.startswith("bttctl serve: nbdkit did not start: namespace0.0: EUCLEAN: ")
+    assert "flog padding scheme" in err and "bttctl check-namespace" in err
+
+
 def test_two_tcp_servers_in_one_directory(tmp_path):
     """Each gets its own control socket, var/nbd-PORT.ctl; bttctl finds the only one
     without --control, and asks for --control when there are several."""

@@ -198,14 +198,14 @@ def test_offline_cli_and_the_lock(region_file):
     p = bttctl("check-namespace", "db", "--region", region_file)
     assert p.returncode == 0, p.stdout + p.stderr
     from nvdimm.regionfile import lock_region
-    fd = lock_region(region_file)  # as a running server holds it
+    held = lock_region(region_file)  # as a running server holds it
     try:
         p = bttctl("list", "--region", region_file)
         assert p.returncode != 0 and "EBUSY" in p.stderr and "--control" in p.stderr
         p = bttctl("check-namespace", region_file, "--repair")
         assert p.returncode == 1 and "EBUSY" in p.stderr  # refused, as every EBUSY
     finally:
-        os.close(fd)
+        held.close()
     p = bttctl("create-region", region_file, "--size", "64M")
     assert p.returncode == 1 and "EEXIST" in p.stderr
     for verb in ("list", "create-namespace", "destroy-namespace", "get", "set", "create-region",
