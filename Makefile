@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 
 # Debian packages: build (gcc, headers, cffi), serving (nbdkit + python plugin) and the
 # real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu,
-# strace).
+# strace), and the sanitizer runtimes the ASan/UBSan and TSan builds load (tests/test_tsan.py,
+# tests/test_corrupt.py; they fail instead of skipping without them under CI).
 DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
-	fuse3 e2fsprogs util-linux strace
+	fuse3 e2fsprogs util-linux strace libasan8 libubsan1 libtsan2
 
 .PHONY: venv test test-long serve bench clean deps lint
 
@@ -60,4 +61,4 @@ bench: venv
 	PATH=/usr/bin:$$PATH $(PY) tools/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info btt_core/_btt_cffi*.so btt_core/_btt_cffi.c .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info btt_core/_btt_cffi*.so btt_core/_btt_cffi*.c .pytest_cache .hypothesis

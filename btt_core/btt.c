@@ -33,7 +33,9 @@
 
 #include "btt_int.h"
 
+#ifdef BTT_MUTATIONS /* the test build's switch (btt_test.h) */
 int btt_test_mutation = BTT_MUT_NONE;
+#endif
 
 /* ---- errors ------------------------------------------------------------------- */
 
@@ -148,11 +150,12 @@ void btt_info_unpack(const uint8_t in[4096], struct btt_info *ib, int *checksum_
 	}
 }
 
+const uint32_t btt_sector_sizes[BTT_NSECTOR_SIZES] = {512, 520, 528, 4096, 4104, 4160, 4224};
+
 int btt_lbasize_supported(uint32_t lbasize)
 {
-	static const uint32_t ok[] = {512, 520, 528, 4096, 4104, 4160, 4224};
-	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
-		if (ok[i] == lbasize)
+	for (size_t i = 0; i < BTT_NSECTOR_SIZES; i++)
+		if (btt_sector_sizes[i] == lbasize)
 			return 1;
 	return 0;
 }
@@ -180,9 +183,15 @@ int btt_compute_layout(uint64_t rawsize, uint32_t lbasize, uint64_t arena_max,
 	uint32_t ilbs;
 	int n = 0;
 
-	if (!btt_lbasize_supported(lbasize))
-		return seterr(EINVAL, "sector size %u is not one of 512 520 528 4096 4104 4160 4224",
-			      lbasize);
+	if (!btt_lbasize_supported(lbasize)) {
+		char list[64];
+		size_t len = 0;
+
+		for (size_t i = 0; i < BTT_NSECTOR_SIZES && len < sizeof(list); i++)
+			len += (size_t)snprintf(list + len, sizeof(list) - len, "%s%u", i ? " " : "",
+						btt_sector_sizes[i]);
+		return seterr(EINVAL, "sector size %u is not one of %s", lbasize, list);
+	}
 	if (arena_max == 0)
 		arena_max = BTT_ARENA_MAX;
 	if (arena_max < BTT_ARENA_MIN || arena_max > BTT_ARENA_MAX || arena_max % BTT_PG_SIZE)
@@ -887,7 +896,7 @@ static bool rtt_covers(uint64_t slot, uint32_t block)
  * commit that freed the block, so never to it. */
 static void rtt_wait(struct arena *a, uint32_t block)
 {
-	if (atomic_load(&a->readers) == 0 || btt_test_mutation == BTT_MUT_NO_RTT_WAIT)
+	if (atomic_load(&a->readers) == 0 || MUTATED(NO_RTT_WAIT))
 		return;
 	for (uint32_t i = 0; i < a->lay.nfree; i++)
 		while (rtt_covers(atomic_load(&a->rtt[i]), block))
@@ -1174,7 +1183,7 @@ static int journal_replay(struct btt *b)
 	sector = malloc(b->sector_size);
 	if (!sector)
 		return seterr(ENOMEM, "out of memory");
-	uint64_t last = btt_test_mutation == BTT_MUT_REPLAY_ONE_EPOCH ? oldest : oldest + 1;
+	uint64_t last = MUTATED(REPLAY_ONE_EPOCH) ? oldest : oldest + 1;
 	for (uint64_t epoch = oldest; epoch <= last && replayed >= 0; epoch++) {
 		int r = journal_replay_epoch(b, epoch, sector);
 		replayed = r < 0 ? r : replayed + r;
@@ -1245,7 +1254,7 @@ static int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t p
 	e->slot = (uint8_t)a->log_index[ln->sub];
 	ln->st_old = old;
 	ln->state = LANE_STAGED;
-	if (btt_test_mutation == BTT_MUT_REUSE_BEFORE_COMMIT) {
+	if (MUTATED(REUSE_BEFORE_COMMIT)) {
 		/* Broken on purpose: the freed block becomes reusable before the commit. */
 		ln->block = old & BTT_MAP_MASK;
 		ln->seq = seq_next[ln->seq];
@@ -1270,7 +1279,7 @@ static int reserve_lane(struct btt *b, struct arena *a, uint32_t premap)
 			return seterr(-b->failed, "an earlier commit failed; writes are disabled "
 				      "until the BTT is reopened");
 		if (stage_find(a, b->cur ^ 1, premap) >= 0 &&
-		    btt_test_mutation != BTT_MUT_REWRITE_DURING_COMMIT) {
+		    !MUTATED(REWRITE_DURING_COMMIT)) {
 			wait_commit_locked(b); /* the LBA's last write is being committed */
 			continue;
 		}
@@ -1478,7 +1487,7 @@ static void advance_lanes(struct btt *b)
 {
 	static const uint8_t zeros[65536];
 
-	if (btt_test_mutation == BTT_MUT_REUSE_BEFORE_COMMIT)
+	if (MUTATED(REUSE_BEFORE_COMMIT))
 		return; /* the broken variant advanced them at publish time */
 	for (uint32_t k = 0; k < b->ncstaged; k++) {
 		const struct staged_entry *e = &b->cstaged[k];
@@ -1509,9 +1518,11 @@ static const enum commit_op *commit_order(void)
 	static const enum commit_op correct[C_STEPS] = {C_BARRIER, C_FLOG, C_BARRIER, C_MAPS};
 	static const enum commit_op map_first[C_STEPS] = {C_BARRIER, C_MAPS, C_FLOG, C_BARRIER};
 	static const enum commit_op flog_early[C_STEPS] = {C_NOTHING, C_FLOG, C_BARRIER, C_MAPS};
+	static const enum commit_op flush_early[C_STEPS] = {C_BARRIER, C_FLOG, C_NOTHING, C_MAPS};
 
-	return btt_test_mutation == BTT_MUT_MAP_BEFORE_FLOG ? map_first :
-	       btt_test_mutation == BTT_MUT_FLOG_BEFORE_DATA_DURABLE ? flog_early : correct;
+	return MUTATED(MAP_BEFORE_FLOG) ? map_first :
+	       MUTATED(FLOG_BEFORE_DATA_DURABLE) ? flog_early :
+	       MUTATED(FLUSH_BEFORE_BARRIER2) ? flush_early : correct;
 }
 
 /* Takes the filling epoch for commit; the next one starts empty, in the other stage
@@ -1531,7 +1542,7 @@ static void commit_begin(struct btt *b)
 	b->journal_next = 0;
 	b->kick = false;
 	b->committing = true;
-	if (btt_test_mutation == BTT_MUT_JOURNAL_RETIRED_EARLY && b->journal)
+	if (MUTATED(JOURNAL_RETIRED_EARLY) && b->journal)
 		journal_write_header(b, b->epoch); /* broken on purpose: before the commit's I/O */
 }
 
@@ -2098,7 +2109,7 @@ static int do_block_status(struct btt *b, uint64_t off, uint64_t len, struct btt
 
 /* ---- byte-addressed entry points (the NBD server's hot path) -------------------------- */
 
-static int byte_range(struct btt *b, uint64_t len, uint64_t off)
+static int byte_range(struct btt *b, uint64_t off, uint64_t len)
 {
 	if (len > BTT_MAX_REQUEST)
 		return seterr(EINVAL, "request of %llu bytes is larger than the %u advertised",
@@ -2171,13 +2182,13 @@ int btt_block_status(struct btt *b, uint64_t off, uint64_t len, struct btt_exten
 
 int btt_pread(struct btt *b, void *buf, uint64_t len, uint64_t off)
 {
-	int rc = byte_range(b, len, off);
+	int rc = byte_range(b, off, len);
 	return rc ? rc : btt_read(b, off / b->sector_size, len / b->sector_size, buf);
 }
 
 int btt_pwrite(struct btt *b, const void *buf, uint64_t len, uint64_t off, int flags)
 {
-	int rc = byte_range(b, len, off);
+	int rc = byte_range(b, off, len);
 	return rc ? rc : btt_write(b, off / b->sector_size, len / b->sector_size, buf, flags);
 }
 
@@ -2203,7 +2214,7 @@ int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **ou
 	const int *order = p->version == 11 ? order_11 : p->version == 20 ? order_20 : order_auto;
 	int norder = p->version ? 1 : 2, rc = 0, found = -1;
 	struct btt_info first;
-	char why[2][200] = {"", ""};
+	char why[2][sizeof(errbuf)] = {"", ""}; /* each holds one btt_errmsg() */
 	struct btt *b;
 
 	if (p->version && p->version != 11 && p->version != 20)
@@ -2242,7 +2253,8 @@ int btt_open(struct btt_io *io, const struct btt_open_params *p, struct btt **ou
 	b->ns_size = p->ns_size;
 	b->readonly = p->readonly;
 	b->durability = p->durability;
-	b->journal = p->durability == BTT_DUR_GROUP ? p->journal : NULL;
+	/* The no-journal mutation proves the kill -9 test catches a journal-less server. */
+	b->journal = p->durability == BTT_DUR_GROUP && !MUTATED(NO_JOURNAL) ? p->journal : NULL;
 	memcpy(b->boot_id, p->boot_id, 16);
 	memcpy(b->uuid, first.uuid, 16);
 	b->btt_offset = p->ns_offset + (order[found] == 11 ? BTT_PG_SIZE : 0);

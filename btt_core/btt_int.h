@@ -12,6 +12,16 @@
 
 #include "btt.h"
 
+/* Test-only breakage (btt_test.h): compiled into the test build alone (-DBTT_MUTATIONS,
+ * tests/testbuild.py); in the production module MUTATED() is a constant 0 and the broken
+ * branches vanish. */
+#ifdef BTT_MUTATIONS
+#include "btt_test.h"
+#define MUTATED(name) (btt_test_mutation == BTT_MUT_##name)
+#else
+#define MUTATED(name) 0
+#endif
+
 /* A read-tracking slot: 0 when free, else RTT_TAKEN | count << 32 | first block: the
  * reader holding it may be copying blocks [first, first + count). */
 #define RTT_TAKEN (1ull << 63)

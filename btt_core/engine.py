@@ -10,13 +10,14 @@ import os
 import stat
 import uuid as _uuid
 
-from ._btt_cffi import ffi, lib
+from ._lib import ffi, lib
 from .errors import ErrnoError
 
 DURABILITY = {"group": lib.BTT_DUR_GROUP, "strict": lib.BTT_DUR_STRICT, "none": lib.BTT_DUR_NONE}
 VERSIONS = {"1.1": (1, 1), "2.0": (2, 0)}
 MAX_REQUEST = lib.BTT_MAX_REQUEST  # the largest read or write one engine call takes
-SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+# The external sector sizes a BTT can have, from the engine (btt.h, btt_sector_sizes).
+SECTOR_SIZES = tuple(lib.btt_sector_sizes[0:lib.BTT_NSECTOR_SIZES])
 INFO_FIELDS = ("flags", "version_major", "version_minor", "external_lbasize", "external_nlba",
                "internal_lbasize", "internal_nlba", "nfree", "infosize", "nextoff", "dataoff",
                "mapoff", "logoff", "info2off", "checksum")
@@ -372,8 +373,6 @@ class Btt:
             if durability == "group":
                 if readonly:
                     jio = _open_journal(jpath, readonly=True) if os.path.lexists(jpath) else None
-                elif os.environ.get("BTT_TEST_MUTATION") == "no-journal":
-                    jio = None  # test-only: proves the kill -9 test catches a journal-less server
                 else:
                     jio = _open_journal(jpath, readonly=False)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,

@@ -63,3 +63,15 @@ def run(cmd, **kw):
     env["PATH"] = "/usr/bin:" + env.get("PATH", "")
     kw.setdefault("env", env)
     return subprocess.run(cmd, **kw)
+
+
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked `testbuild` needs the engine's test build (tests/testbuild.py): unless
+    this process runs it already, the test runs in a child interpreter that does."""
+    if pyfuncitem.get_closest_marker("testbuild") is None:
+        return None
+    import testbuild
+    if testbuild.active():
+        return None
+    testbuild.run_in_test_build(pyfuncitem.nodeid)
+    return True

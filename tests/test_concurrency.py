@@ -8,6 +8,7 @@ import pytest
 from btt_core import Btt
 
 from conftest import MiB
+from testbuild import mutated
 
 TAG = 16  # bytes of header: thread, sequence and LBA; the rest repeats them
 
@@ -176,13 +177,10 @@ def test_a_reader_with_one_free_slot_still_reads(tmpfile):
     b.close()
 
 
+@pytest.mark.testbuild
 def test_block_reuse_check_catches_writers_that_ignore_readers(tmpfile):
     """The mutation check for the test above: with the RTT wait switched off it must see a
     reader get a reused block (given up to 30 s; it usually takes well under one)."""
-    from btt_core._btt_cffi import lib
-    lib.btt_test_mutation = lib.BTT_MUT_NO_RTT_WAIT
-    try:
+    with mutated("no-rtt-wait"):
         errors = reads_racing_block_reuse(tmpfile, seconds=30, stop_at_first=True)
-    finally:
-        lib.btt_test_mutation = 0
     assert errors
