@@ -145,7 +145,7 @@ struct btt_arena_layout {
 int btt_compute_layout(uint64_t rawsize, uint32_t lbasize, uint64_t arena_max,
 		       struct btt_arena_layout *out, int max);
 
-/* ---- the engine (btt.c) ------------------------------------------------------- */
+/* ---- the engine (btt.c and the sources it names) ------------------------------ */
 
 struct btt;
 
@@ -235,7 +235,7 @@ struct btt_stats {
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);
 
-/* ---- raw exports (raw.c) ------------------------------------------------------ */
+/* ---- raw exports (rawio.c) ---------------------------------------------------- */
 
 /* A namespace served without a BTT: bytes [offset, offset+size) of the io, which the
  * export owns from a successful open on. Requests must be aligned to `block`; every call

@@ -1,4 +1,4 @@
-"""A namespace served raw, through C (raw.c): one call per request with the GIL released,
+"""A namespace served raw, through C (rawio.c): one call per request with the GIL released,
 and calls still running when the export is closed are waited for, so none reaches the file
 after a disable."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Block status (NBD base:allocation) in process: the engine (btt.c, "block status") and raw
-exports (raw.c). A hole is claimed only where a read returns zeros — a copy that skips it
+"""Block status (NBD base:allocation) in process: the engine (extents.c) and raw
+exports (rawio.c). A hole is claimed only where a read returns zeros — a copy that skips it
 loses nothing — and exactly where the map's Z flag says so; staged writes are data; the
 answer is contiguous from the offset asked, may stop short at its extent cap, and over a
 sparse terabyte costs what the data written costs, not what the size does."""

@@ -85,7 +85,7 @@ def test_concurrency_tests_are_free_of_data_races(tsan_build, tmp_path):
 
 def test_block_status_racing_commits_is_free_of_data_races(tsan_build, tmp_path):
     """Block status reads the stage tables and hole bitmaps while writers and the
-    committer change them (btt.c, "block status")."""
+    committer change them (extents.c)."""
     p = under_tsan(tsan_build, tmp_path, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                    "-o", "addopts=", os.path.join(HERE, "test_extents.py"), "-k",
                    "concurrent_commits or while_a_commit_runs")

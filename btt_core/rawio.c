@@ -1,5 +1,5 @@
 /*
- * raw.c - a namespace served raw: its bytes of the region file, with no BTT.
+ * rawio.c - a namespace served raw: its bytes of the region file, with no BTT.
  *
  * Raw exports go through C for the same reason sector exports do: each NBD request is one
  * call with the GIL released, and every call counts itself in, so that shutdown (a forced
