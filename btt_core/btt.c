@@ -1,7 +1,7 @@
 /*
  * btt.c - a BTT's lifecycle and public entry points: the calls servers make (each counts
  * itself in, so shutdown can wait for it), the committer thread, shutdown and close, and
- * the accessors and test tools of btt.h.
+ * the accessors, and the test build's hooks into an open BTT (btt_test.h).
  *
  * The engine's sources, in dependency order (docs/engine.md, "Source map"): errmsg.c,
  * flog.c, layout.c, map.c, read.c, journal.c, write.c, commit.c, extents.c, open.c, btt.c;
@@ -218,6 +218,7 @@ struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block)
 	return ln;
 }
 
+#ifdef BTT_MUTATIONS /* test build only (btt_test.h) */
 int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags)
 {
 	uint32_t premap, entry;
@@ -245,3 +246,4 @@ void btt_debug_hold_rtt(struct btt *b, uint32_t count)
 		for (uint32_t k = 0; k < b->arenas[i].lay.nfree; k++)
 			atomic_store(&b->arenas[i].rtt[k], k < count ? RTT_PENDING : 0);
 }
+#endif

@@ -295,20 +295,7 @@ struct btt_check_summary {
 int btt_check_offline(struct btt_io *io, const struct btt_check_opts *o,
 		      struct btt_check_summary *sum, char *report, size_t len);
 
-/* ---- tests and tools ---------------------------------------------------------- */
-
-/* Set raw flag bits on a sector's map entry (error injection: E = media error). */
-int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags);
-/* Tests: runs a group commit one step at a time, so that writes can be staged between
- * its steps as they are while the committer's barriers run. The first call takes the
- * filling epoch (if anything is staged), the next ones run its steps (barrier, flog,
- * barrier, map; in the mutation's order) and the last retires it. Returns 1 while the
- * commit is open, 0 when none is, or a negative errno. A write that must wait for the
- * commit runs its remaining steps itself. */
-int btt_debug_commit_step(struct btt *b);
-/* Tests: marks the first `count` read-tracking slots of every arena taken, as readers
- * parked inside a read would hold them (0 frees them again). Call with no reads running. */
-void btt_debug_hold_rtt(struct btt *b, uint32_t count);
+/* ---- tools -------------------------------------------------------------------- */
 
 const char *btt_errmsg(void);
 uint32_t btt_crc32c(uint32_t crc, const void *buf, size_t len);

@@ -1,5 +1,6 @@
 /*
- * btt_test.h - switches that break the engine on purpose, in the test build only.
+ * btt_test.h - the test build's additions: switches that break the engine on purpose, and
+ * hooks that reach inside an open BTT.
  *
  * cffi_build.py compiles them in with BTT_MUTATIONS=1 (-DBTT_MUTATIONS) as the module
  * btt_core._btt_cffi_test (tests/testbuild.py); the production module has none of this.
@@ -8,6 +9,10 @@
  */
 #ifndef BTT_TEST_H
 #define BTT_TEST_H
+
+#include <stdint.h>
+
+struct btt;
 
 enum {
 	BTT_MUT_NONE = 0,
@@ -23,5 +28,19 @@ enum {
 					    * second barrier (its flog may not be durable) */
 };
 extern int btt_test_mutation;
+
+/* Hooks that reach inside an open BTT. */
+/* Set raw flag bits on a sector's map entry (error injection: E = media error). */
+int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags);
+/* Tests: runs a group commit one step at a time, so that writes can be staged between
+ * its steps as they are while the committer's barriers run. The first call takes the
+ * filling epoch (if anything is staged), the next ones run its steps (barrier, flog,
+ * barrier, map; in the mutation's order) and the last retires it. Returns 1 while the
+ * commit is open, 0 when none is, or a negative errno. A write that must wait for the
+ * commit runs its remaining steps itself. */
+int btt_debug_commit_step(struct btt *b);
+/* Tests: marks the first `count` read-tracking slots of every arena taken, as readers
+ * parked inside a read would hold them (0 frees them again). Call with no reads running. */
+void btt_debug_hold_rtt(struct btt *b, uint32_t count);
 
 #endif

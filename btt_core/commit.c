@@ -307,6 +307,7 @@ int do_flush(struct btt *b)
 	return rc;
 }
 
+#ifdef BTT_MUTATIONS /* test build only (btt_test.h) */
 int btt_debug_commit_step(struct btt *b)
 {
 	int rc = 0;
@@ -329,3 +330,4 @@ int btt_debug_commit_step(struct btt *b)
 	pthread_mutex_unlock(&b->elock);
 	return rc;
 }
+#endif

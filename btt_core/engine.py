@@ -480,20 +480,6 @@ class Btt:
         d["clean"] = not (r.out_of_range or r.duplicates or r.unreferenced)
         return d
 
-    def set_map_flags(self, lba: int, flags: int) -> None:
-        """Error injection: put raw Z/E bits on a sector's map entry (E = media error)."""
-        _check(lib.btt_debug_set_map_flags(self._ptr, lba, flags))
-
-    def commit_step(self) -> bool:
-        """Tests: advance a group commit by one step (btt.h, btt_debug_commit_step), so
-        that writes can be staged while it is open. True while a commit is open."""
-        return _check(lib.btt_debug_commit_step(self._ptr)) == 1
-
-    def hold_rtt(self, count: int) -> None:
-        """Tests: take the first `count` read-tracking slots of each arena, as readers
-        parked inside a read would (btt.h, btt_debug_hold_rtt); 0 gives them back."""
-        lib.btt_debug_hold_rtt(self._ptr, count)
-
     # ---- closing ------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from btt_core import Btt, BttError, Io, check_io
 
-from testbuild import mutated
+from testbuild import commit_step, mutated, set_map_flags
 
 MiB = 1 << 20
 EIO = "EIO"
@@ -92,7 +92,7 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     b = Btt.open_io(io, durability="strict")
     ss = b.sector_size
     for lba, flags in (preflags or {}).items():
-        b.set_map_flags(lba % b.nlba, flags)
+        set_map_flags(b, lba % b.nlba, flags)
     initial = {}
     for op in ops:
         if op.kind in ("write", "zero"):
@@ -148,7 +148,7 @@ def _run(b: Btt, i: int, op: Op, versions: dict, ss: int) -> None:
             # The committer's commit, one step at a time: the writes that follow are
             # staged in the next epoch while it is open (a write that must wait for it
             # runs the remaining steps).
-            b.commit_step()
+            commit_step(b)
         else:
             b.flush()
     except BttError as e:

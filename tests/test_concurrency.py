@@ -8,7 +8,7 @@ import pytest
 from btt_core import Btt
 
 from conftest import MiB
-from testbuild import mutated
+from testbuild import hold_rtt, mutated
 
 TAG = 16  # bytes of header: thread, sequence and LBA; the rest repeats them
 
@@ -153,6 +153,7 @@ def test_reads_never_see_a_block_reused_under_them(tmpfile):
     assert not errors, errors[:5]
 
 
+@pytest.mark.testbuild
 def test_a_reader_with_one_free_slot_still_reads(tmpfile):
     """A reader takes a second RTT slot only if one is free (each arena has 256). With all
     but one taken, as if 255 readers were parked mid-read, a multi-sector read must finish
@@ -164,14 +165,14 @@ def test_a_reader_with_one_free_slot_still_reads(tmpfile):
     b.write(5, content(2, 2, 5, b.sector_size))  # a block outside the first span
     expect = data[:5 * 4096] + content(2, 2, 5, 4096) + data[6 * 4096:]
     got = []
-    b.hold_rtt(255)
+    hold_rtt(b, 255)
     try:
         t = threading.Thread(target=lambda: got.append(b.read(0, 32)), daemon=True)
         t.start()
         t.join(10)
         assert not t.is_alive(), "the read waits for a second read-tracking slot"
     finally:
-        b.hold_rtt(0)
+        hold_rtt(b, 0)
     assert got == [expect]
     assert b.read(0, 32) == expect  # with both slots
     b.close()

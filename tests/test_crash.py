@@ -27,6 +27,7 @@ op = st.one_of(
 )
 
 
+@pytest.mark.testbuild  # steps of a commit and preflags need the test build's hooks
 @settings(max_examples=WORKLOADS, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(geo=st.sampled_from(GEOMETRIES), durability=st.sampled_from(["group", "strict", "none"]),
@@ -43,8 +44,10 @@ def test_crash_states(geo, durability, ops, preflags, seed):
     assert not problems, "\n".join(problems[:10])
 
 
+@pytest.mark.testbuild
 def test_crash_state_count():
-    """The default suite covers at least 5,000 crash states (100,000 with BTT_LONG=1)."""
+    """The default suite covers at least 5,000 crash states (100,000 with BTT_LONG=1) in
+    test_crash_states, which runs before it in the same (test-build) process."""
     if TOTAL["states"] == 0:
         pytest.skip("run together with test_crash_states")
     assert TOTAL["states"] >= (100_000 if LONG else 5_000), TOTAL["states"]
@@ -62,6 +65,7 @@ WORKLOAD = [Op("write", 1, 1), Op("write", 2, 2), Op("write", 1, 1), Op("flush")
             Op("write", 7, 1), Op("write", 1, 1), Op("flush"), Op("write", 9, 3, fua=True)]
 
 
+@pytest.mark.testbuild
 def test_correct_engine_passes_the_mutation_workloads():
     for durability in ("group", "strict"):
         assert hunt(None, durability, WORKLOAD) == []
@@ -95,6 +99,7 @@ PIPELINED = [Op("write", 1, 1), Op("write", 2, 2), Op("step"), Op("step"), Op("w
              Op("flush")]
 
 
+@pytest.mark.testbuild
 def test_correct_engine_passes_the_pipelined_workload():
     assert hunt(None, "group", PIPELINED) == []
 

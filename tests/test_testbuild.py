@@ -15,6 +15,7 @@ import btt_core
 from btt_core import _lib
 
 import testbuild
+from conftest import mem_btt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,7 +33,7 @@ def test_the_suite_runs_the_production_module():
 def test_the_production_module_has_no_mutation_code():
     names = dir(_lib.lib)
     assert "btt_test_mutation" not in names
-    assert not [n for n in names if n.startswith("BTT_MUT_")]
+    assert not [n for n in names if n.startswith(("BTT_MUT_", "btt_debug_"))]
     so = glob.glob(os.path.join(os.path.dirname(btt_core.__file__), "_btt_cffi.*so"))
     assert so, "no production module next to the package"
     syms = exported(so[0])
@@ -60,10 +61,26 @@ def test_a_missing_test_build_fails_loudly(tmp_path):
     assert p.returncode != 0 and "test build" in p.stderr
 
 
-def test_mutations_exist_only_in_the_test_build():
+def test_mutations_and_hooks_exist_only_in_the_test_build():
     with pytest.raises(RuntimeError, match="test build"):
         with testbuild.mutated("no-rtt-wait"):
             pass
+    io, b = mem_btt()
+    with pytest.raises(RuntimeError, match="test build"):
+        testbuild.commit_step(b)
+    b.close()
+
+
+@pytest.mark.testbuild
+def test_the_hooks_reach_inside_the_engine_in_the_test_build():
+    assert testbuild.active()
+    io, b = mem_btt(durability="group")
+    b.write(0, bytes(4096))
+    assert testbuild.commit_step(b)  # a commit is open
+    while testbuild.commit_step(b):
+        pass
+    assert b.stats()["commits"] == 1
+    b.close()
 
 
 @pytest.mark.parametrize("name", testbuild.MUTATIONS)

@@ -1,10 +1,12 @@
 """The engine's concurrency tests under ThreadSanitizer (issue 13).
 
-The engine is built a second time with -fsanitize=thread (cffi_build.py, BTT_SANITIZE=thread)
-and the concurrency tests, plus the crash states with parallel writers, run against that
-build in a child interpreter with libtsan preloaded. Python itself is not instrumented, so
-only races between the engine's own accesses are reported: exactly the lanes, RTT, map
-locks, map cache, epochs and commit pipeline that the C code shares between threads.
+The engine's test build (tests/testbuild.py: the hooks the tests reach inside the engine
+with) is built a second time with -fsanitize=thread (cffi_build.py, BTT_SANITIZE=thread
+BTT_MUTATIONS=1), and the concurrency tests, plus the crash states with parallel writers,
+run against that build in a child interpreter with libtsan preloaded. Python itself is not
+instrumented, so only races between the engine's own accesses are reported: exactly the
+lanes, RTT, map locks, map cache, epochs and commit pipeline that the C code shares between
+threads.
 """
 import glob
 import os
@@ -34,7 +36,8 @@ def tsan_build(tmp_path_factory):
     build = tmp_path_factory.mktemp("tsan")
     subprocess.run([sys.executable, "-c",
                     f"import cffi_build; cffi_build.ffibuilder.compile(tmpdir={str(build)!r})"],
-                   cwd=ROOT, env=dict(os.environ, BTT_SANITIZE="thread"), check=True,
+                   cwd=ROOT, env=dict(os.environ, BTT_SANITIZE="thread", BTT_MUTATIONS="1"),
+                   check=True,
                    capture_output=True)
     for py in glob.glob(os.path.join(ROOT, "btt_core", "*.py")):
         shutil.copy(py, build / "btt_core")
@@ -45,7 +48,8 @@ def tsan_build(tmp_path_factory):
 def under_tsan(tsan_build, tmp_path, *argv):
     """Runs `python argv...` with the TSan build first on the path and libtsan preloaded."""
     build, tsan = tsan_build
-    env = dict(os.environ, PYTHONPATH=f"{build}:{HERE}", LD_PRELOAD=tsan,
+    env = dict(os.environ, PYTHONPATH=f"{build}:{HERE}", LD_PRELOAD=tsan, BTT_TEST_BUILD="1",
+               BTT_TEST_BUILD_DIR=str(build),
                TSAN_OPTIONS="halt_on_error=1:exitcode=66:report_signal_unsafe=0")
     # TSan needs the address layout it was built for; `setarch -R` turns off the
     # randomisation that can put libraries where it does not expect them.
@@ -70,13 +74,11 @@ def test_the_build_under_test_is_the_sanitized_one(tsan_build, tmp_path):
 
 def test_concurrency_tests_are_free_of_data_races(tsan_build, tmp_path):
     # -s: pytest must not capture fd 2, or a report dies with the halted process. The -k
-    # keeps all of test_concurrency.py and, of test_crash.py, the parallel writers; the -m
-    # leaves out the mutation checks, which need the (uninstrumented) test build and are
-    # run by the main suite.
+    # keeps all of test_concurrency.py (its mutation check too: this is the test build) and,
+    # of test_crash.py, the parallel writers.
     p = under_tsan(tsan_build, tmp_path, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                    "-o", "addopts=", os.path.join(HERE, "test_concurrency.py"),
-                   os.path.join(HERE, "test_crash.py"), "-k", "not crash or parallel_writers",
-                   "-m", "not testbuild")
+                   os.path.join(HERE, "test_crash.py"), "-k", "not crash or parallel_writers")
     report = p.stdout[-3000:] + p.stderr[-6000:]
     assert "ThreadSanitizer" not in p.stderr, report
     assert p.returncode == 0, report

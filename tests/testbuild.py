@@ -1,4 +1,4 @@
-"""The engine's test build: the C module with the mutation switches of btt_core/btt_test.h.
+"""The engine's test build: the C module with the mutation switches and hooks of btt_test.h.
 
 `python tests/testbuild.py` (or `build()`) compiles it with cffi_build.py and
 BTT_MUTATIONS=1 into build/test-engine/, as the ASan and TSan builds are made, and only
@@ -7,9 +7,10 @@ BTT_TEST_BUILD=1 or BTT_TEST_MUTATION=<name> is set.
 
 Tests use it in two ways:
 
-* in-process, marked `@pytest.mark.testbuild`: conftest.py runs such a test in a child
-  interpreter on the test build (`run_in_test_build`), where `mutated(name)` switches the
-  engine's behaviour for the duration of a `with`;
+* in-process, marked `@pytest.mark.testbuild`: conftest.py runs the marked tests of a module
+  together in a child interpreter on the test build (`run_in_test_build`), where
+  `mutated(name)` switches the engine's behaviour for the duration of a `with`, and
+  `set_map_flags`, `commit_step` and `hold_rtt` reach inside an open BTT;
 * through nbdkit: `Server(..., env=server_env(name))` starts a server whose engine is the
   test build with that mutation on from the start.
 
@@ -24,6 +25,8 @@ import glob
 import os
 import subprocess
 import sys
+import tempfile
+from xml.etree import ElementTree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -99,14 +102,58 @@ def mutated(name: str):
         lib.btt_test_mutation = 0
 
 
-def run_in_test_build(nodeid: str) -> None:
-    """Runs one test (a pytest node id) in a child interpreter on the test build; raises
-    AssertionError with its output unless it ran and passed."""
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "-o", "addopts=", nodeid], cwd=ROOT, env=dict(os.environ, **env()),
-                       capture_output=True, text=True)
-    out = p.stdout[-6000:] + p.stderr[-3000:]
-    assert p.returncode == 0 and " passed" in p.stdout and " skipped" not in p.stdout, out
+# ---- hooks into an open BTT (btt_test.h) --------------------------------------------------
+
+def _lib():
+    from btt_core._lib import lib
+    if not active():
+        raise RuntimeError("the engine's test hooks exist only in the test build: mark the "
+                           "test @pytest.mark.testbuild")
+    return lib
+
+
+def set_map_flags(b, lba: int, flags: int) -> None:
+    """Error injection: raw Z/E bits on a sector's map entry (E = media error)."""
+    from btt_core.engine import _check
+    _check(_lib().btt_debug_set_map_flags(b._ptr, lba, flags))
+
+
+def commit_step(b) -> bool:
+    """Advances a group commit by one step (btt_test.h, btt_debug_commit_step), so that
+    writes can be staged while it is open. True while a commit is open."""
+    from btt_core.engine import _check
+    return _check(_lib().btt_debug_commit_step(b._ptr)) == 1
+
+
+def hold_rtt(b, count: int) -> None:
+    """Takes the first `count` read-tracking slots of each arena, as readers parked inside
+    a read would (btt_debug_hold_rtt); 0 gives them back."""
+    _lib().btt_debug_hold_rtt(b._ptr, count)
+
+
+# ---- running tests on the test build ------------------------------------------------------
+
+def run_in_test_build(nodeids: list[str]) -> dict[str, tuple[str, str]]:
+    """Runs tests (pytest node ids, of one module) together in a child interpreter on the
+    test build, in one process so that they share module state as in-process tests do.
+    Returns {test name: (outcome, text)}, outcome "passed", "failed" or "skipped"."""
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "report.xml")
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "-o", "addopts=", f"--junitxml={xml}", *nodeids], cwd=ROOT,
+                           env=dict(os.environ, **env()), capture_output=True, text=True)
+        if not os.path.exists(xml):
+            raise AssertionError(f"the test build's pytest failed:\n{p.stdout[-4000:]}"
+                                 f"{p.stderr[-3000:]}")
+        results = {}
+        for case in ElementTree.parse(xml).iter("testcase"):
+            outcome, text = "passed", ""
+            for child in case:
+                if child.tag in ("failure", "error", "skipped"):
+                    outcome = "skipped" if child.tag == "skipped" else "failed"
+                    text = (child.get("message") or "") + "\n" + (child.text or "")
+            results[case.get("name", "")] = (outcome, text.strip())
+        return results
 
 
 if __name__ == "__main__":
