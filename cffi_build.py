@@ -18,9 +18,9 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # In dependency order: each file uses only what the ones before it define (btt_int.h).
-SOURCES = ["errmsg.c", "flog.c", "layout.c", "map.c", "read.c", "journal.c", "write.c",
-           "commit.c", "extents.c", "open.c", "btt.c", "check.c", "backend.c", "rawio.c",
-           "crc32c.c"]
+SOURCES = ["errmsg.c", "crc32c.c", "backend.c", "flog.c", "layout.c", "map.c", "read.c",
+           "journal.c", "commit.c", "write.c", "extents.c", "open.c", "btt.c", "check.c",
+           "rawio.c"]
 MUTATIONS = os.environ.get("BTT_MUTATIONS") == "1"
 MODULE = "btt_core._btt_cffi_test" if MUTATIONS else "btt_core._btt_cffi"
 

@@ -3,10 +3,10 @@
  * itself in, so shutdown can wait for it), the committer thread, shutdown and close, and
  * the accessors, and the test build's hooks into an open BTT (btt_test.h).
  *
- * The engine's sources, in dependency order (docs/engine.md, "Source map"): errmsg.c,
- * flog.c, layout.c, map.c, read.c, journal.c, write.c, commit.c, extents.c, open.c, btt.c;
- * beside them check.c (the checker), backend.c (file and memory I/O), rawio.c (namespaces
- * served without a BTT) and crc32c.c.
+ * The engine's sources, in dependency order (docs/engine.md, "Files"): errmsg.c, then
+ * crc32c.c and backend.c (file and memory I/O), flog.c, layout.c, map.c, read.c, journal.c,
+ * commit.c, write.c, extents.c, open.c, btt.c; after them check.c (the checker) and rawio.c
+ * (namespaces served without a BTT).
  */
 #define _GNU_SOURCE
 #include <stdlib.h>

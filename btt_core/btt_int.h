@@ -283,11 +283,23 @@ int check_range(struct btt *b, uint64_t lba, uint64_t count);
 void rtt_wait(struct arena *a, uint32_t block);
 int do_read(struct btt *b, uint64_t lba, uint64_t count, void *buf);
 
-/* ---- journal.c ---- */
+/* ---- journal.c: its layout (written there, replayed by open.c) ---- */
+#define J_MAGIC "BTTJRNL1"
+#define J_VERSION 2u
+#define J_ENTRY_MAGIC 0x544E454Au
+#define J_HDR 64u
+#define J_ENTRIES 4096u
+#define J_ENTRY 64u
+uint64_t journal_region(const struct btt *b, uint64_t epoch);
 int journal_write_header(struct btt *b, uint64_t oldest);
 int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t premap,
 		   uint32_t block, uint32_t seq, uint32_t data_crc);
-int journal_replay(struct btt *b);
+
+/* ---- commit.c ---- */
+void wait_commit_locked(struct btt *b);
+void quiesce_locked(struct btt *b);
+int commit_locked(struct btt *b, uint64_t epoch);
+int do_flush(struct btt *b);
 
 /* ---- write.c ---- */
 int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
@@ -295,12 +307,6 @@ int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
 void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap);
 int do_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags);
 int do_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags);
-
-/* ---- commit.c ---- */
-void wait_commit_locked(struct btt *b);
-void quiesce_locked(struct btt *b);
-int commit_locked(struct btt *b, uint64_t epoch);
-int do_flush(struct btt *b);
 
 /* ---- extents.c ---- */
 bool extent_add(struct extent_list *l, uint64_t offset, uint64_t length, uint32_t type);

@@ -236,6 +236,86 @@ static int discover(struct btt *b, const struct btt_open_params *p, uint64_t btt
 	return 0;
 }
 
+/* Recovery, second part: the writes the intent journal holds (its layout: journal.c). */
+
+/* Replays one epoch's region; returns the number of entries staged, or a negative errno. */
+static int journal_replay_epoch(struct btt *b, uint64_t epoch, uint8_t *sector)
+{
+	uint64_t size = b->journal->ops->size(b->journal), base = journal_region(b, epoch);
+	uint8_t e[J_ENTRY];
+	int replayed = 0;
+
+	for (uint32_t i = 0; i < (uint32_t)b->narenas * BTT_NFREE; i++) {
+		uint64_t off = base + (uint64_t)i * J_ENTRY;
+		uint32_t aidx, lane, premap, block, seq, dcrc, word, crc;
+		struct arena *a;
+
+		if (off + J_ENTRY > size || b->journal->ops->read(b->journal, e, J_ENTRY, off))
+			break;
+		crc = get32(e + 4);
+		put32(e + 4, 0);
+		if (get32(e) != J_ENTRY_MAGIC || crc != btt_crc32c(0, e, J_ENTRY) ||
+		    get64(e + 8) != epoch || get32(e + 16) != i)
+			break;
+		aidx = get32(e + 20), lane = get32(e + 24), premap = get32(e + 28);
+		block = get32(e + 32), seq = get32(e + 36), dcrc = get32(e + 40);
+		if (aidx >= (uint32_t)b->narenas)
+			continue;
+		a = &b->arenas[aidx];
+		/* Only an entry that continues its lane exactly, for an LBA not yet staged,
+		 * whose data is on the media, may be applied; any other is stale or torn. */
+		if (lane >= a->lay.nfree || premap >= a->lay.external_nlba ||
+		    a->lanes[lane].state != LANE_CLEAN || a->lanes[lane].block != block ||
+		    a->lanes[lane].seq != seq || stage_find(a, b->cur, premap) >= 0)
+			continue;
+		if (b->io->ops->read(b->io, sector, b->sector_size, block_off(a, block)) ||
+		    btt_crc32c(0, sector, b->sector_size) != dcrc)
+			continue;
+		if (arena_map_read(b, a, premap, &word) || map_resolve(word, premap) == block)
+			continue;
+		a->lanes[lane].state = LANE_RESERVED;
+		a->clean_lanes--;
+		if (stage_entry(b, a, lane, premap, block) == 0)
+			replayed++;
+		else
+			unreserve_lane(b, a, lane, premap);
+	}
+	return replayed;
+}
+
+/* Returns the number of entries replayed, or a negative errno. An epoch's entries use
+ * lanes and LBAs the other's do not (write.c), so the two epochs are
+ * replayed as one, oldest first. */
+static int journal_replay(struct btt *b)
+{
+	uint8_t h[J_HDR], *sector = NULL;
+	uint64_t oldest;
+	uint32_t crc;
+	int replayed = 0;
+
+	if (b->journal->ops->size(b->journal) < J_HDR || b->journal->ops->read(b->journal, h, J_HDR, 0))
+		return 0;
+	crc = get32(h + 12);
+	put32(h + 12, 0);
+	if (memcmp(h, J_MAGIC, 8) || get32(h + 8) != J_VERSION || crc != btt_crc32c(0, h, J_HDR) ||
+	    memcmp(h + 16, b->uuid, 16) || memcmp(h + 32, b->boot_id, 16))
+		return 0;
+	oldest = get64(h + 48);
+	sector = malloc(b->sector_size);
+	if (!sector)
+		return seterr(ENOMEM, "out of memory");
+	uint64_t last = MUTATED(REPLAY_ONE_EPOCH) ? oldest : oldest + 1;
+	for (uint64_t epoch = oldest; epoch <= last && replayed >= 0; epoch++) {
+		int r = journal_replay_epoch(b, epoch, sector);
+		replayed = r < 0 ? r : replayed + r;
+	}
+	free(sector);
+	if (replayed > 0)
+		STAT_ADD(b, journal_replayed, (uint64_t)replayed);
+	b->epoch = oldest + 2; /* entries replayed now are committed before any new epoch */
+	return replayed;
+}
+
 void free_btt(struct btt *b)
 {
 	for (int i = 0; i < b->narenas; i++) {
