@@ -13,11 +13,14 @@ PYTEST_ARGS ?=
 
 # Debian packages: build (gcc, headers, cffi), serving (nbdkit + python plugin) and the
 # real clients the tests drive (libnbd, qemu-img/qemu-io, fio, nbdfuse, e2fsprogs, libfiu,
-# strace), and GlusterFS (a single-node volume the scale-out tests mount twice as two
-# "hosts", tests/glusterfs.py).
+# strace), the sanitizer runtimes the ASan/UBSan and TSan builds load (tests/test_tsan.py,
+# tests/test_corrupt.py; they fail instead of skipping without them under CI), TLS tools
+# (gnutls-bin: psktool, certtool), systemd-socket-activate, and GlusterFS (a single-node
+# volume the scale-out tests mount twice as two "hosts", tests/glusterfs.py).
 DEB_PACKAGES := python3-venv python3-dev python3-cffi python3-setuptools python3-pip gcc make \
 	nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio fiu-utils \
-	fuse3 e2fsprogs util-linux strace gnutls-bin systemd glusterfs-server glusterfs-client
+	fuse3 e2fsprogs util-linux strace libasan8 libubsan1 libtsan2 gnutls-bin systemd \
+	glusterfs-server glusterfs-client
 
 .PHONY: venv test test-long serve bench bench-shared clean deps lint
 
@@ -67,4 +70,4 @@ bench-shared: venv
 	PATH=/usr/bin:$$PATH $(PY) tools/bench_shared.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info btt_core/_btt_cffi*.so btt_core/_btt_cffi.c .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info btt_core/_btt_cffi*.so btt_core/_btt_cffi*.c .pytest_cache .hypothesis

@@ -120,6 +120,9 @@ uint64_t btt_fletcher64(const void *buf, size_t len);
 /* Pack fills the checksum; unpack reports whether the stored checksum matches. */
 void btt_info_pack(struct btt_info *info, uint8_t out[4096]);
 void btt_info_unpack(const uint8_t in[4096], struct btt_info *info, int *checksum_ok);
+/* The external LBA sizes the kernel formats (btt-format.md §1), ascending; the only copy. */
+#define BTT_NSECTOR_SIZES 7
+extern const uint32_t btt_sector_sizes[];
 int btt_lbasize_supported(uint32_t lbasize);
 uint32_t btt_internal_lbasize(uint32_t lbasize);
 
@@ -142,7 +145,7 @@ struct btt_arena_layout {
 int btt_compute_layout(uint64_t rawsize, uint32_t lbasize, uint64_t arena_max,
 		       struct btt_arena_layout *out, int max);
 
-/* ---- the engine (btt.c) ------------------------------------------------------- */
+/* ---- the engine (btt.c and the sources it names) ------------------------------ */
 
 struct btt;
 
@@ -232,7 +235,7 @@ struct btt_stats {
 };
 void btt_get_stats(struct btt *b, struct btt_stats *s);
 
-/* ---- raw exports (raw.c) ------------------------------------------------------ */
+/* ---- raw exports (rawio.c) ---------------------------------------------------- */
 
 /* A namespace served without a BTT: bytes [offset, offset+size) of the io, which the
  * export owns from a successful open on. Requests must be aligned to `block`; every call
@@ -246,7 +249,7 @@ int btt_raw_open(struct btt_io *io, uint64_t offset, uint64_t size, uint32_t blo
 uint64_t btt_raw_size(struct btt_raw *r);
 int btt_raw_pread(struct btt_raw *r, void *buf, uint64_t len, uint64_t off);
 int btt_raw_pwrite(struct btt_raw *r, const void *buf, uint64_t len, uint64_t off, int flags);
-int btt_raw_zero(struct btt_raw *r, uint64_t len, uint64_t off, int flags);
+int btt_raw_zero(struct btt_raw *r, uint64_t off, uint64_t len, int flags);
 int btt_raw_flush(struct btt_raw *r);
 /* Block status as btt_block_status, from the file's holes (SEEK_DATA/SEEK_HOLE), shrunk to
  * whole blocks of the export. */
@@ -292,33 +295,7 @@ struct btt_check_summary {
 int btt_check_offline(struct btt_io *io, const struct btt_check_opts *o,
 		      struct btt_check_summary *sum, char *report, size_t len);
 
-/* ---- tests and tools ---------------------------------------------------------- */
-
-/* Test-only switches that break the write ordering; the crash tests prove they are caught. */
-enum {
-	BTT_MUT_NONE = 0,
-	BTT_MUT_MAP_BEFORE_FLOG = 1,
-	BTT_MUT_FLOG_BEFORE_DATA_DURABLE = 2,
-	BTT_MUT_REUSE_BEFORE_COMMIT = 3,
-	BTT_MUT_REWRITE_DURING_COMMIT = 4, /* an LBA being committed written again at once */
-	BTT_MUT_JOURNAL_RETIRED_EARLY = 5, /* the journal calls an epoch committed too soon */
-	BTT_MUT_REPLAY_ONE_EPOCH = 6,      /* replay ignores the epoch filled during a commit */
-	BTT_MUT_NO_RTT_WAIT = 7,           /* writers reuse blocks that readers are still copying */
-};
-extern int btt_test_mutation;
-
-/* Set raw flag bits on a sector's map entry (error injection: E = media error). */
-int btt_debug_set_map_flags(struct btt *b, uint64_t lba, uint32_t flags);
-/* Tests: runs a group commit one step at a time, so that writes can be staged between
- * its steps as they are while the committer's barriers run. The first call takes the
- * filling epoch (if anything is staged), the next ones run its steps (barrier, flog,
- * barrier, map; in the mutation's order) and the last retires it. Returns 1 while the
- * commit is open, 0 when none is, or a negative errno. A write that must wait for the
- * commit runs its remaining steps itself. */
-int btt_debug_commit_step(struct btt *b);
-/* Tests: marks the first `count` read-tracking slots of every arena taken, as readers
- * parked inside a read would hold them (0 frees them again). Call with no reads running. */
-void btt_debug_hold_rtt(struct btt *b, uint32_t count);
+/* ---- tools -------------------------------------------------------------------- */
 
 const char *btt_errmsg(void);
 uint32_t btt_crc32c(uint32_t crc, const void *buf, size_t len);

@@ -1,5 +1,7 @@
 /*
- * btt_int.h - engine internals shared by btt.c (I/O path) and check.c (checker).
+ * btt_int.h - the engine's internals, shared by its sources (btt.c and the files it names)
+ * and by the checker (check.c). btt.h is the public API; nothing here is exported from
+ * the module (-fvisibility=hidden).
  */
 #ifndef BTT_INT_H
 #define BTT_INT_H
@@ -12,6 +14,16 @@
 
 #include "btt.h"
 
+/* Test-only breakage (btt_test.h): compiled into the test build alone (-DBTT_MUTATIONS,
+ * tests/testbuild.py); in the production module MUTATED() is a constant 0 and the broken
+ * branches vanish. */
+#ifdef BTT_MUTATIONS
+#include "btt_test.h"
+#define MUTATED(name) (btt_test_mutation == BTT_MUT_##name)
+#else
+#define MUTATED(name) 0
+#endif
+
 /* A read-tracking slot: 0 when free, else RTT_TAKEN | count << 32 | first block: the
  * reader holding it may be copying blocks [first, first + count). */
 #define RTT_TAKEN (1ull << 63)
@@ -21,7 +33,9 @@
 #define NSTRIPES 256u /* map locks per arena, as the kernel's nfree map locks */
 #define STAGE_SLOTS 1024u /* hash slots per arena; > 2 x max staged entries (nfree <= 256) */
 
-/* The per-thread error message of btt_errmsg(). Returns -err for `return seterr(...)`. */
+/* The per-thread error message of btt_errmsg() (errmsg.c), at most ERRMSG_MAX bytes.
+ * Returns -err for `return seterr(...)`. */
+#define ERRMSG_MAX 512
 int seterr(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Shutdown while other threads may still call in (a namespace disabled under a connected
@@ -83,7 +97,7 @@ struct flog_entry {
 	uint32_t lba, old_map, new_map, seq;
 };
 
-/* One cached 4 KiB page of an arena's map (btt.c, "the map and its cache"). */
+/* One cached 4 KiB page of an arena's map (map.c). */
 struct map_page {
 	pthread_mutex_t lock; /* held across the media read or write that fills or updates it */
 	bool held;            /* words hold map page `page` exactly as on the media */
@@ -123,7 +137,7 @@ struct arena {
 	 * Set at open only; cleared under the page's slot lock before the page is written. */
 	_Atomic uint64_t *map_hole;
 	/* Bit i: bytes [i * DATA_HOLE_UNIT, +DATA_HOLE_UNIT) of the data area are a hole;
-	 * set at open only, cleared before any data block in them is written (btt.c). */
+	 * set at open only, cleared before any data block in them is written (map.c). */
 	_Atomic uint64_t *data_hole;
 };
 
@@ -176,32 +190,137 @@ static inline uint32_t map_resolve(uint32_t entry, uint32_t premap)
 	return (entry & (BTT_MAP_Z | BTT_MAP_E)) == 0 ? premap : (entry & BTT_MAP_MASK);
 }
 
-int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry);
+/* Little-endian fields of on-media structures. */
+static inline uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static inline uint32_t get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t get64(const uint8_t *p) { return get32(p) | (uint64_t)get32(p + 4) << 32; }
+static inline void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static inline void put32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+static inline void put64(uint8_t *p, uint64_t v)
+{
+	put32(p, (uint32_t)v), put32(p + 4, (uint32_t)(v >> 32));
+}
 
-/* A block-status answer being built (btt.c, raw.c): extents of the caller's array. */
+static inline bool is_zero(const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	for (size_t i = 0; i < len; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/* Makes every completed write durable; a no-op in durability mode "none". */
+static inline int barrier(struct btt *b)
+{
+	if (b->durability == BTT_DUR_NONE)
+		return 0;
+	STAT_ADD(b, syncs, 1);
+	return b->io->ops->sync(b->io);
+}
+
+/* A block-status answer being built (extents.c, rawio.c): extents of the caller's array. */
 struct extent_list {
 	struct btt_extent *v;
 	uint32_t n, max;
 	bool full; /* an extent did not fit: the answer ends where the last one does */
 };
-bool extent_add(struct extent_list *l, uint64_t offset, uint64_t length, uint32_t type);
-void extents_clip(struct extent_list *l, uint64_t off, uint64_t len);
 
-/* Shared with the offline checker (check.c): the same validation the I/O path trusts. */
-extern const uint8_t BTT_SIG[16];
+/* ---- flog.c ---- */
 extern const uint32_t seq_next[4];
-uint32_t get32(const uint8_t *p);
-void put32(uint8_t *p, uint32_t v);
-bool is_zero(const void *buf, size_t len);
-int read_info(struct btt_io *io, uint64_t off, const struct btt_open_params *p, struct btt_info *ib);
-int validate_arena(const struct btt_info *ib, int idx, uint64_t start, uint64_t rawsize,
-		   const struct btt_info *first, struct btt_arena_layout *l);
 void flog_slot_get(const uint8_t *group, int slot, struct flog_entry *e);
 void flog_slot_put(uint8_t *group, int slot, const struct flog_entry *e);
 int flog_detect_scheme(const uint8_t *flog, uint32_t nfree, int aidx, int idx[2]);
 int flog_newest(const struct flog_entry *e0, const struct flog_entry *e1);
+
+/* ---- layout.c ---- */
+extern const uint8_t BTT_SIG[16];
+uint32_t data_bytes(uint32_t lbasize);
+
+/* ---- map.c ---- */
+#define MAP_PAGE_WORDS (BTT_PG_SIZE / 4)
+#define DATA_HOLE_UNIT (64u << 10) /* bytes of the data area per bit: 1 MiB of bits per 512 GiB */
+#define STAGE_EMPTY 0ull
+#define STAGE_TOMB 0xFFFFFFFFull
+#define STAGE_RESERVED 0x80000000ull /* in the key: data still being written */
+uint64_t map_off(const struct arena *a, uint32_t premap);
+uint64_t block_off(const struct arena *a, uint32_t block);
+int map_cache_init(struct arena *a);
+void map_cache_free(struct arena *a);
+bool hole_bit(_Atomic uint64_t *bits, uint64_t u);
+uint64_t data_hole_units(const struct arena *a);
+int holes_init(struct btt *b, struct arena *a);
+bool map_page_is_hole(struct arena *a, uint32_t page);
+void map_page_written(struct arena *a, uint32_t page);
+bool block_is_hole(const struct arena *a, uint32_t block);
+void block_written(struct arena *a, uint32_t block);
+struct map_page *map_slot(struct arena *a, uint32_t page);
+int map_cached_locked(struct btt *b, struct arena *a, struct map_page *s, uint32_t page,
+		      bool *hit);
+int map_get(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, uint32_t *out);
+int map_put(struct btt *b, struct arena *a, uint32_t premap, uint32_t n, const uint32_t *words);
+int arena_map_read(struct btt *b, struct arena *a, uint32_t premap, uint32_t *entry);
+int arena_map_write(struct btt *b, struct arena *a, uint32_t premap, uint32_t entry);
+pthread_mutex_t *stripe_of(struct arena *a, uint32_t premap);
+int stage_find(struct arena *a, int t, uint32_t premap);
 int staged_lookup(struct arena *a, uint32_t premap, uint32_t *word);
+void stage_insert(struct arena *a, int t, uint32_t premap, uint64_t keyflags, uint32_t word);
+void stage_set(struct arena *a, int t, int i, uint32_t premap, uint64_t keyflags,
+	       uint32_t word);
+void stage_reset(struct arena *a, int t);
+struct arena *arena_of(struct btt *b, uint64_t lba, uint32_t *premap);
+int check_range(struct btt *b, uint64_t lba, uint64_t count);
+
+/* ---- read.c ---- */
+#define RTT_PENDING RTT_TAKEN /* a slot taken before any block is published in it */
+void rtt_wait(struct arena *a, uint32_t block);
+int do_read(struct btt *b, uint64_t lba, uint64_t count, void *buf);
+
+/* ---- journal.c: its layout (written there, replayed by open.c) ---- */
+#define J_MAGIC "BTTJRNL1"
+#define J_VERSION 2u
+#define J_ENTRY_MAGIC 0x544E454Au
+#define J_HDR 64u
+#define J_ENTRIES 4096u
+#define J_ENTRY 64u
+uint64_t journal_region(const struct btt *b, uint64_t epoch);
+int journal_write_header(struct btt *b, uint64_t oldest);
+int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t premap,
+		   uint32_t block, uint32_t seq, uint32_t data_crc);
+
+/* ---- commit.c ---- */
+void wait_commit_locked(struct btt *b);
 void quiesce_locked(struct btt *b);
+int commit_locked(struct btt *b, uint64_t epoch);
+int do_flush(struct btt *b);
+
+/* ---- write.c ---- */
+int stage_entry(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap,
+		uint32_t block);
+void unreserve_lane(struct btt *b, struct arena *a, uint32_t lane, uint32_t premap);
+int do_write(struct btt *b, uint64_t lba, uint64_t count, const void *buf, int flags);
+int do_set_zero(struct btt *b, uint64_t lba, uint64_t count, int flags);
+
+/* ---- extents.c ---- */
+bool extent_add(struct extent_list *l, uint64_t offset, uint64_t length, uint32_t type);
+void extents_clip(struct extent_list *l, uint64_t off, uint64_t len);
+int do_block_status(struct btt *b, uint64_t off, uint64_t len, struct btt_extent *out,
+		    uint32_t max, uint32_t *n);
+
+/* ---- open.c ---- */
+int validate_arena(const struct btt_info *ib, int idx, uint64_t start, uint64_t rawsize,
+		   const struct btt_info *first, struct btt_arena_layout *l);
+int read_info(struct btt_io *io, uint64_t off, const struct btt_open_params *p, struct btt_info *ib);
+void free_btt(struct btt *b);
+
+/* ---- btt.c ---- */
 struct lane *lane_view(struct arena *a, uint32_t i, uint32_t *free_block);
 
 #endif

@@ -10,7 +10,7 @@ import errno as _errno
 import os
 import uuid
 
-from ._btt_cffi import ffi, lib
+from ._lib import ffi, lib
 from .engine import Btt, BttError, Io, _check, _journal_path, unpack_info
 
 STATUS_CLEAN, STATUS_PROBLEMS, STATUS_REPAIRED = 0, 1, 2

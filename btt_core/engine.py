@@ -10,13 +10,14 @@ import os
 import stat
 import uuid as _uuid
 
-from ._btt_cffi import ffi, lib
+from ._lib import ffi, lib
 from .errors import ErrnoError
 
 DURABILITY = {"group": lib.BTT_DUR_GROUP, "strict": lib.BTT_DUR_STRICT, "none": lib.BTT_DUR_NONE}
 VERSIONS = {"1.1": (1, 1), "2.0": (2, 0)}
 MAX_REQUEST = lib.BTT_MAX_REQUEST  # the largest read or write one engine call takes
-SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+# The external sector sizes a BTT can have, from the engine (btt.h, btt_sector_sizes).
+SECTOR_SIZES = tuple(lib.btt_sector_sizes[0:lib.BTT_NSECTOR_SIZES])
 INFO_FIELDS = ("flags", "version_major", "version_minor", "external_lbasize", "external_nlba",
                "internal_lbasize", "internal_nlba", "nfree", "infosize", "nextoff", "dataoff",
                "mapoff", "logoff", "info2off", "checksum")
@@ -372,8 +373,6 @@ class Btt:
             if durability == "group":
                 if readonly:
                     jio = _open_journal(jpath, readonly=True) if os.path.lexists(jpath) else None
-                elif os.environ.get("BTT_TEST_MUTATION") == "no-journal":
-                    jio = None  # test-only: proves the kill -9 test catches a journal-less server
                 else:
                     jio = _open_journal(jpath, readonly=False)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,
@@ -480,20 +479,6 @@ class Btt:
         d["problems"] = [line for line in ffi.string(msg).decode().splitlines() if line]
         d["clean"] = not (r.out_of_range or r.duplicates or r.unreferenced)
         return d
-
-    def set_map_flags(self, lba: int, flags: int) -> None:
-        """Error injection: put raw Z/E bits on a sector's map entry (E = media error)."""
-        _check(lib.btt_debug_set_map_flags(self._ptr, lba, flags))
-
-    def commit_step(self) -> bool:
-        """Tests: advance a group commit by one step (btt.h, btt_debug_commit_step), so
-        that writes can be staged while it is open. True while a commit is open."""
-        return _check(lib.btt_debug_commit_step(self._ptr)) == 1
-
-    def hold_rtt(self, count: int) -> None:
-        """Tests: take the first `count` read-tracking slots of each arena, as readers
-        parked inside a read would (btt.h, btt_debug_hold_rtt); 0 gives them back."""
-        lib.btt_debug_hold_rtt(self._ptr, count)
 
     # ---- closing ------------------------------------------------------------------------
 

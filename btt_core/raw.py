@@ -1,11 +1,11 @@
-"""A namespace served raw, through C (raw.c): one call per request with the GIL released,
+"""A namespace served raw, through C (rawio.c): one call per request with the GIL released,
 and calls still running when the export is closed are waited for, so none reaches the file
 after a disable."""
 from __future__ import annotations
 
 import os
 
-from ._btt_cffi import ffi, lib
+from ._lib import ffi, lib
 from .engine import _block_status, _check, _server_io
 
 
@@ -28,7 +28,7 @@ class RawExport:
     def zero(self, offset: int, count: int, allocate: bool = False, fua: bool = False) -> None:
         """A punched hole; `allocate` gives it storage again (NBD's NO_HOLE)."""
         flags = (lib.BTT_RAW_ALLOCATE if allocate else 0) | (lib.BTT_FUA if fua else 0)
-        _check(lib.btt_raw_zero(self._ptr, count, offset, flags))
+        _check(lib.btt_raw_zero(self._ptr, offset, count, flags))
 
     def flush(self) -> None:
         _check(lib.btt_raw_flush(self._ptr))

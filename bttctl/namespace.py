@@ -20,6 +20,7 @@ import sys
 from btt_core.errors import errno_name
 from control.server import error_reply, error_text, request
 from control.sockets import socket_ident
+from control.verbs import WIRE_SECTOR_SIZES
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
 EXIT_REFUSED, EXIT_USAGE = 1, 64
@@ -44,7 +45,7 @@ def register(subparsers) -> None:
               "a new BTT starts empty; the old bytes are not scrubbed).")
     p.add_argument("-m", "--mode", choices=["sector", "safe", "raw"], default=None,
                    help="sector (default; alias safe) or raw")
-    p.add_argument("-l", "--sector-size", type=int, default=None, choices=[512, 4096],
+    p.add_argument("-l", "--sector-size", type=int, default=None, choices=WIRE_SECTOR_SIZES,
                    help="sector size in bytes (default 4096)")
     p.add_argument("-s", "--size", default=None,
                    help="bytes, or with K/M/G/T (default: the largest free extent)")

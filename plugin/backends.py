@@ -12,7 +12,7 @@ from btt_core.raw import RawExport
 RAW_SECTOR = 4096  # block size of raw exports of label-less (io) namespaces
 # TRIM and WRITE_ZEROES carry no payload, so the maximum block size does not bound them: a
 # client may zero the whole export in one request. They are done this many bytes per C
-# call, because a forced disable waits for the calls running (the call guard in raw.c and
+# call, because a forced disable waits for the calls running (the call guard in rawio.c and
 # btt.c): between two calls it stops the request with ESHUTDOWN.
 ZERO_CHUNK = 8 << 20
 

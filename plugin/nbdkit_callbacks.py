@@ -365,7 +365,7 @@ def can_trim(h):
 
 def can_extents(h):
     # base:allocation: holes are reported only where a read is sure to return zeros
-    # (btt.c, "block status"; raw.c for raw exports).
+    # (extents.c; rawio.c for raw exports).
     return True
 
 

@@ -63,3 +63,29 @@ def run(cmd, **kw):
     env["PATH"] = "/usr/bin:" + env.get("PATH", "")
     kw.setdefault("env", env)
     return subprocess.run(cmd, **kw)
+
+
+
+_TEST_BUILD_RESULTS: dict[str, dict[str, tuple[str, str]]] = {}  # module path -> results
+
+
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked `testbuild` needs the engine's test build (tests/testbuild.py): unless
+    this process runs it already, the marked tests of its module (those selected here) run
+    together in a child interpreter that does, and each reports the child's outcome."""
+    if pyfuncitem.get_closest_marker("testbuild") is None:
+        return None
+    import testbuild
+    if testbuild.active():
+        return None
+    key = str(pyfuncitem.path)
+    if key not in _TEST_BUILD_RESULTS:
+        same = [i.nodeid for i in pyfuncitem.session.items
+                if str(i.path) == key and i.get_closest_marker("testbuild") is not None]
+        _TEST_BUILD_RESULTS[key] = testbuild.run_in_test_build(same)
+    outcome, text = _TEST_BUILD_RESULTS[key].get(pyfuncitem.name,
+                                                 ("failed", "the test build did not run it"))
+    if outcome == "skipped":
+        pytest.skip(text)
+    assert outcome == "passed", text
+    return True

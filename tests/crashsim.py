@@ -18,12 +18,14 @@ referenced exactly once by the map plus the free lists.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from dataclasses import dataclass, field
 
 from btt_core import Btt, BttError, Io, check_io
-from btt_core._btt_cffi import lib
+
+from testbuild import commit_step, mutated, set_map_flags
 
 MiB = 1 << 20
 EIO = "EIO"
@@ -67,11 +69,16 @@ class Recording:
     end_clock: int
     sector_size: int
     versions: dict = field(default_factory=dict)  # lba -> [(op index or -1, content)]
-    mutation: int = 0  # the broken engine recovers the images too
+    mutation: str | None = None  # the broken engine (testbuild.py) recovers the images too
+
+
+def _mutated(name: str | None):
+    """The engine as the recording was made: correct, or broken by a mutation."""
+    return mutated(name) if name else contextlib.nullcontext()
 
 
 def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None = None,
-           mutation: int = 0, threads: list[int] | None = None) -> Recording:
+           mutation: str | None = None, threads: list[int] | None = None) -> Recording:
     """Runs ops once, recording; the handle is then abandoned as a crash would leave it.
 
     With `threads` (one thread number per op), each thread runs its own ops in order, all
@@ -85,7 +92,7 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     b = Btt.open_io(io, durability="strict")
     ss = b.sector_size
     for lba, flags in (preflags or {}).items():
-        b.set_map_flags(lba % b.nlba, flags)
+        set_map_flags(b, lba % b.nlba, flags)
     initial = {}
     for op in ops:
         if op.kind in ("write", "zero"):
@@ -106,15 +113,12 @@ def record(geo: Geometry, durability: str, ops: list[Op], preflags: dict | None 
     io.set_recording(True)
     journal.set_recording(True)
     versions = {lba: [(-1, content)] for lba, content in initial.items()}
-    lib.btt_test_mutation = mutation
-    try:
+    with _mutated(mutation):
         if threads is None:
             for i, op in enumerate(ops):
                 _run(b, i, op, versions, ss)
         else:
             _run_in_threads(b, ops, threads, versions, ss)
-    finally:
-        lib.btt_test_mutation = 0
     b.abandon()
     recs = [(c, "d", k, off, data) for c, k, off, data in io.records()]
     recs += [(c, "j", k, off, data) for c, k, off, data in journal.records()]
@@ -144,7 +148,7 @@ def _run(b: Btt, i: int, op: Op, versions: dict, ss: int) -> None:
             # The committer's commit, one step at a time: the writes that follow are
             # staged in the next epoch while it is open (a write that must wait for it
             # runs the remaining steps).
-            b.commit_step()
+            commit_step(b)
         else:
             b.flush()
     except BttError as e:
@@ -254,13 +258,11 @@ def verify(rec: Recording, clock: int, kind: str, rng: random.Random) -> list[st
             and f["problem"] != "interrupted-write"]
     if left:
         problems.append(f"{kind} crash at {clock}: offline check before recovery: {left[:3]}")
-    lib.btt_test_mutation = rec.mutation
     try:
-        b = Btt.open_io(io, durability=rec.durability, journal=journal, boot=boot)
+        with _mutated(rec.mutation):
+            b = Btt.open_io(io, durability=rec.durability, journal=journal, boot=boot)
     except BttError as e:
         return [f"{kind} crash at {clock}: recovery failed: {e}"]
-    finally:
-        lib.btt_test_mutation = 0
     try:
         for lba, versions in rec.versions.items():
             need = required_index(rec, lba, clock, kind)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from btt_core.checker import read_infoblock
 from btt_core.engine import Btt, BttError
 
+from testbuild import set_map_flags
+
 E_FLAG, Z_FLAG = 0x40000000, 0x80000000  # btt.h BTT_MAP_E, BTT_MAP_Z (hex: not in the cdef)
 
 
@@ -32,7 +34,7 @@ def _write(path, off, data):
 def set_media_error(path, lba, *, offset=0, size=None) -> str:
     """The sector reads EIO until rewritten (the map entry's E flag, as after poison)."""
     with Btt.open(path, offset=offset, size=size, durability="strict") as b:
-        b.set_map_flags(lba, E_FLAG)
+        set_map_flags(b, lba, E_FLAG)
     return f"LBA {lba} marked as a media error"
 
 

@@ -8,6 +8,7 @@ import pytest
 from btt_core import SECTOR_SIZES, Btt, BttError, check_namespace, read_infoblock
 
 from conftest import GiB, MiB, pattern
+from testbuild import set_map_flags
 
 SIZE = 48 * MiB
 
@@ -92,10 +93,11 @@ def test_scribbled_map_is_a_bitmap_error(tmpfile):
     assert "map-range" in problems(check_namespace(tmpfile))
 
 
+@pytest.mark.testbuild
 def test_media_error_reads_eio_until_rewritten_and_checks_clean(tmpfile):
     make(tmpfile)
     with Btt.open(tmpfile, durability="strict") as b:
-        b.set_map_flags(7, 0x40000000)
+        set_map_flags(b, 7, 0x40000000)
         with pytest.raises(BttError) as e:
             b.read(7, 1)
         assert e.value.errno == errno.EIO
@@ -247,6 +249,7 @@ def test_rewrite_log_is_crash_safe():
         verify(img)
 
 
+@pytest.mark.testbuild
 def test_injection_helpers(tmpfile):
     import inject
     arenas, nlba, ss = make(tmpfile)

@@ -8,6 +8,7 @@ import pytest
 from btt_core import Btt
 
 from conftest import MiB
+from testbuild import hold_rtt, mutated
 
 TAG = 16  # bytes of header: thread, sequence and LBA; the rest repeats them
 
@@ -152,6 +153,7 @@ def test_reads_never_see_a_block_reused_under_them(tmpfile):
     assert not errors, errors[:5]
 
 
+@pytest.mark.testbuild
 def test_a_reader_with_one_free_slot_still_reads(tmpfile):
     """A reader takes a second RTT slot only if one is free (each arena has 256). With all
     but one taken, as if 255 readers were parked mid-read, a multi-sector read must finish
@@ -163,26 +165,23 @@ def test_a_reader_with_one_free_slot_still_reads(tmpfile):
     b.write(5, content(2, 2, 5, b.sector_size))  # a block outside the first span
     expect = data[:5 * 4096] + content(2, 2, 5, 4096) + data[6 * 4096:]
     got = []
-    b.hold_rtt(255)
+    hold_rtt(b, 255)
     try:
         t = threading.Thread(target=lambda: got.append(b.read(0, 32)), daemon=True)
         t.start()
         t.join(10)
         assert not t.is_alive(), "the read waits for a second read-tracking slot"
     finally:
-        b.hold_rtt(0)
+        hold_rtt(b, 0)
     assert got == [expect]
     assert b.read(0, 32) == expect  # with both slots
     b.close()
 
 
+@pytest.mark.testbuild
 def test_block_reuse_check_catches_writers_that_ignore_readers(tmpfile):
     """The mutation check for the test above: with the RTT wait switched off it must see a
     reader get a reused block (given up to 30 s; it usually takes well under one)."""
-    from btt_core._btt_cffi import lib
-    lib.btt_test_mutation = lib.BTT_MUT_NO_RTT_WAIT
-    try:
+    with mutated("no-rtt-wait"):
         errors = reads_racing_block_reuse(tmpfile, seconds=30, stop_at_first=True)
-    finally:
-        lib.btt_test_mutation = 0
     assert errors

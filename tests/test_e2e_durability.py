@@ -17,6 +17,7 @@ from btt_core import Btt
 
 from conftest import MiB, pattern
 from nbd_helpers import ENV, Server, connect
+from testbuild import server_env
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e
@@ -222,7 +223,7 @@ def test_kill_9_of_parallel_workers_loses_no_acknowledged_write(tmp_path, durabi
 def test_kill_9_of_parallel_workers_catches_a_server_without_its_journal(tmp_path):
     for _ in range(4):
         region, acked = acked_before_kill_9(tmp_path, "group",
-                                            env={"BTT_TEST_MUTATION": "no-journal"})
+                                            env=server_env("no-journal"))
         if lost_after_restart(tmp_path, region, "group", acked):
             return
     pytest.fail("a server without its intent journal lost no acknowledged write")
@@ -233,7 +234,7 @@ def test_kill_9_check_catches_a_server_without_its_journal(tmp_path):
     be caught losing acknowledged writes, or the test above proves nothing. A kill right
     after a commit can leave fewer staged writes than were in flight, so a few tries."""
     for _ in range(4):
-        _, lost = kill_9_cycles(tmp_path, "group", 1, env={"BTT_TEST_MUTATION": "no-journal"})
+        _, lost = kill_9_cycles(tmp_path, "group", 1, env=server_env("no-journal"))
         if lost:
             break
     assert lost

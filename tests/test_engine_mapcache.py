@@ -1,4 +1,4 @@
-"""The map cache and the commit's map writes (btt.c, "the map and its cache").
+"""The map cache (map.c) and the commit's map writes (commit.c).
 
 The cache holds whole 4 KiB map pages, direct-mapped, written through. These tests pin
 what it must never change: every read and every reopen sees exactly what a model of the

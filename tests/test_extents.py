@@ -1,5 +1,5 @@
-"""Block status (NBD base:allocation) in process: the engine (btt.c, "block status") and raw
-exports (raw.c). A hole is claimed only where a read returns zeros — a copy that skips it
+"""Block status (NBD base:allocation) in process: the engine (extents.c) and raw
+exports (rawio.c). A hole is claimed only where a read returns zeros — a copy that skips it
 loses nothing — and exactly where the map's Z flag says so; staged writes are data; the
 answer is contiguous from the offset asked, may stop short at its extent cap, and over a
 sparse terabyte costs what the data written costs, not what the size does."""
@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from btt_core import Btt, BttError, Io
-from btt_core._btt_cffi import lib
+from btt_core._lib import lib
 from btt_core.raw import RawExport
 
 from conftest import MiB, mem_btt, pattern, sparse_file
+from testbuild import commit_step, set_map_flags
 
 HOLE = lib.BTT_EXTENT_HOLE
 assert HOLE == 3  # NBD_STATE_HOLE | NBD_STATE_ZERO, passed through to nbdkit as it is
@@ -165,6 +166,7 @@ def test_block_status_agrees_with_reads(sector_size, durability, ops, probes, re
     b.close()
 
 
+@pytest.mark.testbuild
 def test_staged_writes_are_data_while_a_commit_runs():
     """Group mode: a write lives in the stage tables until its commit writes its map word.
     Block status must see it there, in the filling epoch and in the one being committed,
@@ -177,9 +179,9 @@ def test_staged_writes_are_data_while_a_commit_runs():
         return t[5], t[6], t[7]
 
     assert kinds() == (0, HOLE, HOLE)
-    assert b.commit_step()  # takes the epoch holding LBA 5
+    assert commit_step(b)  # takes the epoch holding LBA 5
     b.write(6, pattern(1, 6, 4096))  # staged in the next epoch meanwhile
-    while b.commit_step():
+    while commit_step(b):
         assert kinds() == (0, 0, HOLE)
     assert kinds() == (0, 0, HOLE)
     b.flush()
@@ -221,9 +223,10 @@ def test_acknowledged_writes_are_data_under_concurrent_commits():
     b.close()
 
 
+@pytest.mark.testbuild
 def test_media_errors_are_data_and_bad_requests_are_refused():
     _, b = mem_btt(size=32 * MiB)
-    b.set_map_flags(7, 0x40000000)  # E: reads fail with EIO, not zeros
+    set_map_flags(b, 7, 0x40000000)  # E: reads fail with EIO, not zeros
     assert sector_types(b, b.block_status(0, 8 * 4096))[7] == 0
     for off, n, cap in [(0, 0, 1), (0, 4096, 0), (b.size, 4096, 1), (b.size - 4096, 8192, 1)]:
         with pytest.raises(BttError) as e:

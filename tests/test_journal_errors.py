@@ -10,6 +10,7 @@ import pytest
 from btt_core import Btt, BttError, Io, boot_id
 
 from conftest import MiB, mem_btt, pattern
+from testbuild import set_map_flags
 
 
 def group_btt():
@@ -94,10 +95,11 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert not os.path.exists(path + ".journal")  # a clean close leaves no journal
 
 
+@pytest.mark.testbuild
 def test_error_entry_reads_eio_until_rewritten():
     io, b = mem_btt(durability="strict")
     b.write(7, pattern(1, 7, 4096))
-    b.set_map_flags(7, 0x40000000)
+    set_map_flags(b, 7, 0x40000000)
     with pytest.raises(BttError) as e:
         b.read(7, 1)
     assert e.value.errno == errno.EIO and "media error" in str(e.value)
@@ -111,12 +113,13 @@ def test_error_entry_reads_eio_until_rewritten():
     b.close()
 
 
+@pytest.mark.testbuild
 def test_zero_entry_reads_zeros_for_every_sector_of_a_run():
     """Unlike Linux (§10.1), a Z entry in the middle does not cut the run short."""
     io, b = mem_btt(sector_size=512, durability="strict")
     data = b"".join(pattern(1, lba, 512) for lba in range(8))
     b.write(0, data)
-    b.set_map_flags(3, 0x80000000)
+    set_map_flags(b, 3, 0x80000000)
     got = b.read(0, 8)
     assert got[3 * 512:4 * 512] == bytes(512)
     assert got[:3 * 512] == data[:3 * 512] and got[4 * 512:] == data[4 * 512:]

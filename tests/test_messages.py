@@ -10,6 +10,7 @@ from bttctl.namespace import call_offline
 from control.server import request
 from nvdimm.labels import LabelArea
 
+import testbuild
 from conftest import MiB
 from nbd_helpers import ENV, ROOT, Server
 
@@ -68,11 +69,12 @@ def test_check_namespace_on_a_served_file_is_ebusy_exit_1(tmp_path, region):
 KILLED_IN_A_COMMIT = """
 import os, signal, sys
 from btt_core import Btt
+from testbuild import commit_step
 b = Btt.open(sys.argv[1], durability="group")
 for i in range(40):
     b.write(i, bytes([i + 1]) * 4096)
 for _ in range(4):  # begin the group commit: barrier, flog, barrier; the map is not written
-    b.commit_step()
+    commit_step(b)
 for i in range(40, 60):  # staged in the next epoch: in the intent journal only
     b.write(i, bytes([i + 1]) * 4096)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -86,7 +88,11 @@ def test_check_after_a_kill_in_group_mode_counts_what_the_next_open_recovers(tmp
     from btt_core import Btt
     path = str(tmp_path / "disk.img")
     Btt.create(path, size=64 * MiB).close()
-    subprocess.run([sys.executable, "-c", KILLED_IN_A_COMMIT, path], env=dict(ENV, PYTHONPATH=ROOT))
+    # The test build: commit_step reaches inside the engine (tests/testbuild.py).
+    env = dict(ENV, PYTHONPATH=f"{ROOT}:{os.path.join(ROOT, 'tests')}", **testbuild.env())
+    p = subprocess.run([sys.executable, "-c", KILLED_IN_A_COMMIT, path], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]  # killed itself inside the commit
     assert os.path.exists(path + ".journal")
     r = bttctl("check-namespace", path)
     assert r.returncode == 0, r.stdout + r.stderr

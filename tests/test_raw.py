@@ -1,4 +1,4 @@
-"""Raw exports through C (btt_core/raw.c): alignment, bounds, read-only, zeroing, and no
+"""Raw exports through C (btt_core/rawio.c): alignment, bounds, read-only, zeroing, and no
 write reaching the file once close() has returned."""
 import errno
 import os

@@ -1,5 +1,5 @@
 /*
- * raw.c - a namespace served raw: its bytes of the region file, with no BTT.
+ * rawio.c - a namespace served raw: its bytes of the region file, with no BTT.
  *
  * Raw exports go through C for the same reason sector exports do: each NBD request is one
  * call with the GIL released, and every call counts itself in, so that shutdown (a forced
@@ -48,7 +48,7 @@ int btt_raw_open(struct btt_io *io, uint64_t offset, uint64_t size, uint32_t blo
 uint64_t btt_raw_size(struct btt_raw *r) { return r->size; }
 
 /* A request nbdkit let through (it refuses those past the end) may still be misaligned. */
-static int check_request(struct btt_raw *r, uint64_t len, uint64_t off, int write)
+static int check_request(struct btt_raw *r, uint64_t off, uint64_t len, int write)
 {
 	if ((off | len) & (r->block - 1))
 		return seterr(EINVAL, "request [%llu, +%llu) is not aligned to %u-byte blocks",
@@ -70,7 +70,7 @@ int btt_raw_pread(struct btt_raw *r, void *buf, uint64_t len, uint64_t off)
 
 	if (rc)
 		return rc;
-	rc = check_request(r, len, off, 0);
+	rc = check_request(r, off, len, 0);
 	if (!rc)
 		rc = r->io->ops->read(r->io, buf, len, r->offset + off);
 	guard_leave(&r->guard);
@@ -83,7 +83,7 @@ int btt_raw_pwrite(struct btt_raw *r, const void *buf, uint64_t len, uint64_t of
 
 	if (rc)
 		return rc;
-	rc = check_request(r, len, off, 1);
+	rc = check_request(r, off, len, 1);
 	if (!rc)
 		rc = r->io->ops->write(r->io, buf, len, r->offset + off);
 	if (!rc && (flags & BTT_FUA))
@@ -94,13 +94,13 @@ int btt_raw_pwrite(struct btt_raw *r, const void *buf, uint64_t len, uint64_t of
 
 /* Zeroes by punching a hole; with BTT_RAW_ALLOCATE (NBD's NO_HOLE) the hole then gets
  * storage again, so a later write there cannot hit ENOSPC. */
-int btt_raw_zero(struct btt_raw *r, uint64_t len, uint64_t off, int flags)
+int btt_raw_zero(struct btt_raw *r, uint64_t off, uint64_t len, int flags)
 {
 	int rc = guard_enter(&r->guard);
 
 	if (rc)
 		return rc;
-	rc = check_request(r, len, off, 1);
+	rc = check_request(r, off, len, 1);
 	if (!rc)
 		rc = r->io->ops->zero(r->io, r->offset + off, len);
 	if (!rc && (flags & BTT_RAW_ALLOCATE))
