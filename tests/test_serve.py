@@ -258,6 +258,23 @@ def _read_until(stream, text, timeout=15):
     return seen
 
 
+def _wait_until_idle(bttctl_pid, timeout=15):
+    """Until every thread of nbdkit (bttctl's child) sleeps. A connection thread that has
+    just sent a reply checks nbdkit's quit flag before its next read and then closes the
+    connection at that request boundary: under load a stop can land in that window, and the
+    wait for a connected client this test is about would not happen."""
+    with open(f"/proc/{bttctl_pid}/task/{bttctl_pid}/children") as f:
+        nbdkit = f.read().split()[0]
+    deadline, quiet = time.monotonic() + timeout, 0
+    while quiet < 5 and time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{nbdkit}/task"):
+            with open(f"/proc/{nbdkit}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        quiet = quiet + 1 if all(s == "S" for s in states) else 0
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("sig,again", [(signal.SIGINT, True), (signal.SIGTERM, False)])
 def test_stopping_with_a_client_connected(tmp_path, sig, again):
     """The wait is announced; then (at once after a second Ctrl-C, or after 10 s) nbdkit is
@@ -268,6 +285,7 @@ def test_stopping_with_a_client_connected(tmp_path, sig, again):
     h.connect_uri(uri)
     h.pread(4096, 0)  # a client that has sent nothing yet may be dropped by nbdkit at once
     _read_until(p.stderr, "Ctrl-C stops the server.")
+    _wait_until_idle(p.pid)
     start = time.monotonic()
     p.send_signal(sig)
     seen = _read_until(p.stderr, "to disconnect")
