@@ -22,13 +22,11 @@ import sys
 import uuid as uuidlib
 
 from btt_core.errors import errno_name
+from bttctl.namespace import EXIT_REFUSED, call, show_reply
 from control.server import error_text
-
-EXIT_REFUSED, EXIT_USAGE = 1, 64
 
 
 def _call(control: str, req: dict) -> dict:
-    from bttctl.namespace import call
     return call(control, req)
 
 
@@ -104,18 +102,7 @@ def run(controls: list[str], req: dict) -> int:
     else:
         control, ns = find(controls, req[key])
         req = dict(req, **{key: ns["dev"]})
-    reply = _call(control, req)
-    if not reply.get("ok"):
-        print(f"bttctl {req['op']}: {control}: "
-              f"{error_text(reply.get('errno', ''), reply.get('error', ''))}", file=sys.stderr)
-        return EXIT_REFUSED
-    result = reply["result"]
-    if isinstance(result, str):
-        print(result)
-    else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    return 0
+    return show_reply(f"bttctl {req['op']}: {control}", _call(control, req))
 
 
 def _list(controls: list[str], req: dict) -> int:

@@ -261,8 +261,14 @@ def _run(args) -> int:
         reply = run(args, req)
     except OSError as e:  # no server, no such file, or the region file is locked
         return refused(e)
+    return show_reply(f"bttctl {req['op']}", reply)
+
+
+def show_reply(who: str, reply: dict) -> int:
+    """A control reply as the CLI prints it: the result on stdout (JSON unless a bare
+    string), or the refusal as one line on stderr."""
     if not reply.get("ok"):
-        print(f"bttctl {req['op']}: {error_text(reply.get('errno', ''), reply.get('error', ''))}",
+        print(f"{who}: {error_text(reply.get('errno', ''), reply.get('error', ''))}",
               file=sys.stderr)
         return EXIT_REFUSED
     result = reply["result"]

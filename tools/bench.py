@@ -155,16 +155,17 @@ def fio(sock: str, job: dict, runtime: float, size: int, workdir: str) -> dict:
             "lat_us": side["lat_ns"]["mean"] / 1000}
 
 
-def prepare(dirpath: str) -> tuple[str, str]:
-    """A 1 GiB raw file and a 1 GiB BTT region, both fully written (no holes read)."""
+def prepare(dirpath: str, size: int = SIZE) -> tuple[str, str]:
+    """A raw file and a BTT region of size bytes (1 GiB), both fully written (no holes
+    read) and synced."""
     sys.path.insert(0, ROOT)
     from btt_core import Btt
     raw, btt = os.path.join(dirpath, "raw.img"), os.path.join(dirpath, "btt.img")
     block = os.urandom(1 << 20)
     with open(raw, "wb") as f:
-        for _ in range(SIZE >> 20):
+        for _ in range(size >> 20):
             f.write(block)
-    with Btt.create(btt, size=SIZE, durability="none") as b:
+    with Btt.create(btt, size=size, durability="none") as b:
         per = (1 << 20) // b.sector_size
         for lba in range(0, b.nlba - per + 1, per):
             b.write(lba, block)

@@ -40,24 +40,6 @@ JOBS = {
 SERVERS = ("nbdkit-file", "ours-btt-group")
 
 
-def prepare(dirpath: str) -> tuple[str, str]:
-    """A raw file and a BTT region of SIZE on the shared file system, fully written."""
-    sys.path.insert(0, ROOT)
-    from btt_core import Btt
-    raw, btt = os.path.join(dirpath, "raw.img"), os.path.join(dirpath, "btt.img")
-    block = os.urandom(1 << 20)
-    with open(raw, "wb") as f:
-        for _ in range(SIZE >> 20):
-            f.write(block)
-        os.fsync(f.fileno())
-    with Btt.create(btt, size=SIZE, durability="none") as b:
-        per = (1 << 20) // b.sector_size
-        for lba in range(0, b.nlba - per + 1, per):
-            b.write(lba, block)
-        b.flush()
-    return raw, btt
-
-
 def fio(sock: str, job: dict, runtime: float, workdir: str) -> dict:
     extra = [f"--fsync={job['fsync']}"] if job.get("fsync") else []
     out = os.path.join(workdir, "fio.json")
@@ -73,7 +55,7 @@ def fio(sock: str, job: dict, runtime: float, workdir: str) -> dict:
 
 
 def measure(dirpath: str, workdir: str, runtime: float, rounds: int) -> dict:
-    raw, btt = prepare(dirpath)
+    raw, btt = bench.prepare(dirpath, SIZE)
     sock = os.path.join(workdir, "nbd.sock")
     nbdkit = ["nbdkit", "--foreground", "--unix", sock]
     argv = {"nbdkit-file": nbdkit + ["file", raw],
