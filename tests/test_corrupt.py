@@ -12,6 +12,7 @@ from btt_core import Btt, BttError
 
 import fuzz_corrupt
 from conftest import MiB
+from testbuild import sanitizer_runtime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -57,18 +58,8 @@ def test_second_arena_damage_is_corruption_not_absence():
     assert e.value.errno == errno.EUCLEAN and "arena 1" in str(e.value)
 
 
-def _libasan():
-    path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                          text=True).stdout.strip()
-    return path if os.path.isabs(path) and os.path.exists(path) else None
-
-
 def test_fuzz_under_address_and_undefined_sanitizers(tmp_path):
-    asan = _libasan()
-    if not asan:
-        if os.environ.get("CI"):  # CI installs it (Makefile, DEB_PACKAGES): a skip would hide
-            pytest.fail("gcc's libasan is not installed (Debian packages libasan8 libubsan1)")
-        pytest.skip("gcc's libasan is not installed")
+    asan = sanitizer_runtime("libasan.so", "libasan8 libubsan1")
     build = tmp_path / "asan"
     env = dict(os.environ, BTT_SANITIZE="1")
     subprocess.run([sys.executable, "-c",

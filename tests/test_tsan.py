@@ -16,23 +16,15 @@ import sys
 
 import pytest
 
+from testbuild import sanitizer_runtime
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _libtsan():
-    path = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True,
-                          text=True).stdout.strip()
-    return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else None
-
-
 @pytest.fixture(scope="module")
 def tsan_build(tmp_path_factory):
-    tsan = _libtsan()
-    if not tsan:
-        if os.environ.get("CI"):  # CI installs it (Makefile, DEB_PACKAGES): a skip would hide
-            pytest.fail("gcc's libtsan is not installed (Debian package libtsan2)")
-        pytest.skip("gcc's libtsan is not installed")
+    tsan = sanitizer_runtime("libtsan.so", "libtsan2")
     build = tmp_path_factory.mktemp("tsan")
     subprocess.run([sys.executable, "-c",
                     f"import cffi_build; cffi_build.ffibuilder.compile(tmpdir={str(build)!r})"],

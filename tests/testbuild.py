@@ -158,3 +158,17 @@ def run_in_test_build(nodeids: list[str]) -> dict[str, tuple[str, str]]:
 
 if __name__ == "__main__":
     print(build())
+
+
+def sanitizer_runtime(library: str, packages: str) -> str:
+    """gcc's runtime for a sanitizer build (libasan.so, libtsan.so), to preload into a
+    child interpreter. Without it the test skips, except under CI, which installs it
+    (Makefile, DEB_PACKAGES): there a skip would hide the check, so it fails."""
+    import pytest
+    path = subprocess.run(["gcc", f"-print-file-name={library}"], capture_output=True,
+                          text=True).stdout.strip()
+    if os.path.isabs(path) and os.path.exists(path):
+        return os.path.realpath(path)
+    if os.environ.get("CI"):
+        pytest.fail(f"gcc's {library} is not installed (Debian packages {packages})")
+    pytest.skip(f"gcc's {library} is not installed")
