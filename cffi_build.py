@@ -9,14 +9,22 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["btt.c", "check.c", "backend.c", "raw.c", "crc32c.c"]
+SOURCES = ["btt.c", "check.c", "backend.c", "raw.c", "crc32c.c", "writelog.c"]
+HEADERS = ["btt.h", "writelog.h"]  # what Python sees, in this order
 
 
 def public_api() -> str:
-    """btt.h as cffi's cdef: the header is the single description of the C API. cdef knows
-    no preprocessor, so only `#define NAME <integer>` lines are kept from it."""
+    """The public headers as cffi's cdef: they are the single description of the C API.
+    cdef knows no preprocessor, so only `#define NAME <integer>` lines are kept from them."""
     lines = []
-    with open(os.path.join(HERE, "btt_core", "btt.h")) as f:
+    for header in HEADERS:
+        lines += _cdef_lines(os.path.join(HERE, "btt_core", header))
+    return "".join(lines)
+
+
+def _cdef_lines(path: str) -> list:
+    lines = []
+    with open(path) as f:
         for line in f:
             if line.startswith("#"):
                 parts = line.split()
@@ -24,7 +32,7 @@ def public_api() -> str:
                     lines.append(f"#define {parts[1]} {parts[2].rstrip('uU')}\n")
                 continue
             lines.append(line)
-    return "".join(lines)
+    return lines
 
 
 # The checker's progress callback, implemented in Python (btt_core/checker.py).
@@ -48,7 +56,7 @@ elif _sanitize:
 
 ffibuilder.set_source(
     "btt_core._btt_cffi",
-    '#include "btt.h"',
+    "".join(f'#include "{h}"\n' for h in HEADERS),
     # pip wants paths relative to the project; ffibuilder.compile() (the sanitizer test's
     # direct build) changes directory first, so it needs them absolute.
     sources=[os.path.join(HERE if os.environ.get("BTT_SANITIZE") else "", "btt_core", s)

@@ -1509,9 +1509,11 @@ static const enum commit_op *commit_order(void)
 	static const enum commit_op correct[C_STEPS] = {C_BARRIER, C_FLOG, C_BARRIER, C_MAPS};
 	static const enum commit_op map_first[C_STEPS] = {C_BARRIER, C_MAPS, C_FLOG, C_BARRIER};
 	static const enum commit_op flog_early[C_STEPS] = {C_NOTHING, C_FLOG, C_BARRIER, C_MAPS};
+	static const enum commit_op no_barrier2[C_STEPS] = {C_BARRIER, C_FLOG, C_NOTHING, C_MAPS};
 
 	return btt_test_mutation == BTT_MUT_MAP_BEFORE_FLOG ? map_first :
-	       btt_test_mutation == BTT_MUT_FLOG_BEFORE_DATA_DURABLE ? flog_early : correct;
+	       btt_test_mutation == BTT_MUT_FLOG_BEFORE_DATA_DURABLE ? flog_early :
+	       btt_test_mutation == BTT_MUT_FLUSH_BEFORE_BARRIER2 ? no_barrier2 : correct;
 }
 
 /* Takes the filling epoch for commit; the next one starts empty, in the other stage

@@ -304,6 +304,7 @@ enum {
 	BTT_MUT_JOURNAL_RETIRED_EARLY = 5, /* the journal calls an epoch committed too soon */
 	BTT_MUT_REPLAY_ONE_EPOCH = 6,      /* replay ignores the epoch filled during a commit */
 	BTT_MUT_NO_RTT_WAIT = 7,           /* writers reuse blocks that readers are still copying */
+	BTT_MUT_FLUSH_BEFORE_BARRIER2 = 8, /* a commit returns before its flog is durable */
 };
 extern int btt_test_mutation;
 

@@ -245,6 +245,19 @@ def _block_status(ptr, c_call=lib.btt_block_status):
     return block_status
 
 
+def _set_mutation(value: int):
+    def select() -> None:
+        lib.btt_test_mutation = value
+    return select
+
+
+# Test-only: BTT_TEST_MUTATION selects a broken ordering in a server subprocess, to prove
+# the write-log replayer catches it (tests/test_replay_log.py).
+_ENV_MUTATIONS = {"map-before-flog": _set_mutation(lib.BTT_MUT_MAP_BEFORE_FLOG),
+                  "flog-before-data-durable": _set_mutation(lib.BTT_MUT_FLOG_BEFORE_DATA_DURABLE),
+                  "flush-before-barrier2": _set_mutation(lib.BTT_MUT_FLUSH_BEFORE_BARRIER2)}
+
+
 def _journal_path(path, offset: int) -> str:
     path = os.fspath(path)
     return f"{path}.journal" if offset == 0 else f"{path}.journal.{offset}"
@@ -363,8 +376,11 @@ class Btt:
 
     @classmethod
     def open(cls, path, *, offset=0, size=None, parent_uuid=None, readonly=False,
-             durability="group", version=None, journal=None) -> "Btt":
-        """Opens an existing BTT; recovery (map redo, journal replay) runs here."""
+             durability="group", version=None, journal=None, log=None) -> "Btt":
+        """Opens an existing BTT; recovery (map redo, journal replay) runs here. With a
+        WriteLog (btt_core/writelog.py), every write to the files is recorded, recovery's
+        included."""
+        _ENV_MUTATIONS.get(os.environ.get("BTT_TEST_MUTATION", ""), lambda: None)()
         io = Io.file(path, readonly=readonly)
         jpath = os.fspath(journal) if journal else _journal_path(path, offset)
         jio = None
@@ -376,6 +392,9 @@ class Btt:
                     jio = None  # test-only: proves the kill -9 test catches a journal-less server
                 else:
                     jio = _open_journal(jpath, readonly=False)
+            if log is not None and not readonly:
+                io, jio = log.wrap_btt(io, jio, offset=offset, size=size, path=path,
+                                       durability=durability, journal_path=jpath)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,
                                readonly=readonly, durability=durability, version=version,
                                journal=jio, _owned_path=jpath)

@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="NBD connections served at once; more are refused (default 256, "
                    "fewer if the file descriptor limit is low)")
+    p.add_argument("--log-writes", metavar="PATH",
+                   help="record every write, sync and flush reply to this new file, for "
+                        "`bttctl replay-log` (docs/write-log.md); copy the region file first")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -175,7 +178,8 @@ def cmd_serve(args) -> int:
             *[f"region={r}" for r in regions], f"durability={args.durability}",
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
             f"control={control}", *(["readonly=on"] if args.readonly else []),
-            *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
+            *([f"max-connections={args.max_connections}"] if args.max_connections else []),
+            *([f"log-writes={os.path.abspath(args.log_writes)}"] if args.log_writes else [])]
     env = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get("PATH", ""))
     proc = subprocess.Popen(argv, env=env)
     stop = {"signals": 0, "at": 0.0}
