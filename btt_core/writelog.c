@@ -42,11 +42,11 @@ struct wl_record {
 	uint64_t len;
 	uint32_t aux;
 	uint32_t data_crc;
-	uint32_t reserved;
+	uint32_t dlen;    /* bytes of data after the header */
 	uint32_t hdr_crc; /* crc32c of the 52 bytes before it */
 } __attribute__((packed));
 
-_Static_assert(sizeof(struct wl_record) == 56, "record header is 56 bytes");
+_Static_assert(sizeof(struct wl_record) == BTT_WL_RECORD_SIZE, "docs/write-log.md");
 
 struct btt_writelog {
 	pthread_mutex_t lock;
@@ -101,10 +101,13 @@ static int append(struct btt_writelog *log, uint16_t type, uint16_t target, uint
 	struct wl_record r = {
 		.magic = WL_RECORD_MAGIC, .type = type, .target = target, .id = id, .off = off,
 		.len = len, .aux = aux, .data_crc = dlen ? btt_crc32c(0, data, dlen) : 0,
+		.dlen = (uint32_t)dlen,
 	};
 	struct iovec iov[2] = {{&r, sizeof(r)}, {(void *)data, dlen}};
 	int err;
 
+	if (dlen > UINT32_MAX)
+		return seterr(EFBIG, "a write of %zu bytes is too big for one write-log record", dlen);
 	pthread_mutex_lock(&log->lock);
 	if (atomic_load(&log->failed)) {
 		pthread_mutex_unlock(&log->lock);

@@ -27,9 +27,10 @@ enum {
 	BTT_WL_NBD_FLUSH = 18, /* id: an NBD flush issued */
 	BTT_WL_NBD_REPLY = 19, /* id, aux = errno (0: success): the reply about to be sent */
 };
-#define BTT_WL_FUA 1u /* NBD_WRITE/NBD_ZERO aux flag */
+/* NBD_WRITE/NBD_ZERO aux flag */
+#define BTT_WL_FUA 1u
 #define BTT_WL_HEADER_SIZE 4096u
-#define BTT_WL_RECORD_SIZE 48u
+#define BTT_WL_RECORD_SIZE 56u
 
 struct btt_io;
 struct btt_writelog;
