@@ -210,10 +210,11 @@ class Replay:
     """One log over one base image. run() checks every crash point and returns a Report."""
 
     def __init__(self, log: Log, base_path, *, torn: int = 3, seed: int = 0,
-                 fsck: list[str] | None = None, max_points: int = 0, kinds=("power", "kill"),
-                 workdir=None, progress=None):
+                 fsck: list[str] | None = None, fsck_prepare: list[str] | None = None,
+                 max_points: int = 0, kinds=("power", "kill"), workdir=None, progress=None):
         self.log, self.rng = log, random.Random(seed)
         self.torn, self.fsck, self.progress = torn, fsck, progress
+        self.fsck_prepare = fsck_prepare
         regions = {(t.name, t.ns_offset, t.ns_size) for t in log.targets.values()
                    if t.role == "region"}
         if len(regions) != 1:
@@ -313,7 +314,7 @@ class Replay:
         journal = Io.memory(max(jsize, 1 << 20))
         d_next = f_next = j_next = s_next = 0
         covered = 0  # every region write before this index is durable
-        self._fsck_seen: dict[bytes, bool] = {}
+        self._fsck_seen: dict[tuple, bool] = {}
         with tempfile.TemporaryDirectory(dir=self.workdir, prefix="replay-") as tmp:
             self._tmp = tmp
             for done, p in enumerate(pts):
@@ -420,6 +421,7 @@ class Replay:
     def _sectors(self, rep: Report, p: int, kind: str, got: bytearray):
         """Untouched sectors read their base content; each written one a version allowed at p."""
         ss, initial, reqs, mm = self.ss, self.initial, self.log.requests, self.log.data
+        matched = self._matched = []  # per written LBA, the version it reads (-1: base)
         for lba in self.touched:
             vers = self.versions[lba]
             need = None
@@ -431,14 +433,12 @@ class Replay:
                     need = n  # issue order: the last one found is the newest
             sector = got[lba * ss:(lba + 1) * ss]
             match = need is None and sector == initial[lba * ss:(lba + 1) * ss]
-            newest_issued = None
+            newest_issued, which = None, -1
             for n in vers:
                 r = reqs[n]
-                if r.issued >= p:
+                if r.issued >= p or match:
                     break
-                newest_issued = n
-                if match:
-                    break
+                newest_issued = which = n
                 if need is not None and r.replied is not None and r.replied < reqs[need].issued:
                     continue  # finished before the required version began: superseded
                 if r.kind == "zero":
@@ -446,6 +446,7 @@ class Replay:
                 else:
                     pos = r.data_pos + lba * ss - r.off
                     match = sector == mm[pos:pos + ss]
+            matched.append(which if match else hashlib.blake2b(sector).digest())
             if not match:
                 if need is not None and self._is_version(sector, lba, vers, p):
                     rep.lost_durable += 1
@@ -477,18 +478,24 @@ class Replay:
         """The client's own checker (e2fsck -fn ...) on the export as the engine reads it,
         once per distinct content."""
         assert self.fsck is not None
-        key = hashlib.blake2b(got, digest_size=16).digest()
+        # The content is the base's but for the written sectors, named by the versions
+        # they read (_sectors): a key that costs nothing to compute. A difference outside
+        # them is reported as a failure anyway.
+        key = tuple(self._matched)
         ok = self._fsck_seen.get(key)
         if ok is None:
             path = os.path.join(self._tmp, "export.img")
             with open(path, "wb") as f:
                 f.write(got)
+            if self.fsck_prepare:  # e.g. replaying ext4's journal, as a mount would
+                subprocess.run([*self.fsck_prepare, path], capture_output=True)
             res = subprocess.run([*self.fsck, path], capture_output=True, text=True)
             ok = res.returncode == 0
             rep.fsck_runs += 1
             if not ok:
                 rep.fsck_failures += 1
-                tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
+                tail = [line for line in (res.stdout + res.stderr).splitlines()
+                        if line.strip() and not line.startswith(("Pass ", "e2fsck "))][:4]
                 self._fsck_seen[key] = ok
                 yield f"{self.fsck[0]} exited {res.returncode}: {' | '.join(tail)}"
                 return
