@@ -27,6 +27,7 @@ wrote, and one copy of the export (its base content and the image being checked)
 """
 from __future__ import annotations
 
+import bisect
 import errno as _errno
 import hashlib
 import mmap
@@ -85,6 +86,7 @@ class Request:
     data_pos: int    # where its data starts in the log (writes)
     replied: int | None = None  # record index of its reply
     status: int = -1  # the reply's errno (0: success); -1: no reply recorded
+    durable_at: int | None = None  # first crash point that must keep it (power loss)
 
 
 @dataclass
@@ -245,7 +247,9 @@ class Replay:
         """Region and journal writes as (index, kind, off, len, data position); region syncs
         as (index, covers): every write before `covers` is durable once the sync is."""
         roles = {t: self.log.targets[t].role for t in self.log.targets}
-        self.region_writes, self.journal_writes, self.syncs = [], [], []
+        self.region_writes: list[tuple] = []
+        self.journal_writes: list[tuple] = []
+        self.syncs: list[tuple[int, int]] = []
         for i, (kind, target, _, off, length, _aux, dpos, _) in enumerate(self.log.records):
             if kind in (WRITE, ZERO):
                 dest = self.region_writes if roles[target] == "region" else self.journal_writes
@@ -267,19 +271,17 @@ class Replay:
             suffix.append((issued, best))
         suffix.reverse()
         issued_at = [f[0] for f in suffix]
-        import bisect
         self.versions: dict[int, list[int]] = {}
         for n, r in enumerate(self.log.requests):
             if r.kind == "flush":
                 continue
-            r.durable_at = None  # type: ignore[attr-defined]
             if r.status == 0 and r.replied is not None:
                 if self.durability == "strict" or r.fua:
-                    r.durable_at = r.replied + 1  # type: ignore[attr-defined]
+                    r.durable_at = r.replied + 1
                 else:
                     k = bisect.bisect_right(issued_at, r.replied)
                     if k < len(suffix):
-                        r.durable_at = suffix[k][1] + 1  # type: ignore[attr-defined]
+                        r.durable_at = suffix[k][1] + 1
             if r.off % ss or r.length % ss or r.off + r.length > self.nlba * ss:
                 continue  # refused by the engine: it cannot have changed anything
             for lba in range(r.off // ss, (r.off + r.length) // ss):
@@ -421,14 +423,15 @@ class Replay:
     def _sectors(self, rep: Report, p: int, kind: str, got: bytearray):
         """Untouched sectors read their base content; each written one a version allowed at p."""
         ss, initial, reqs, mm = self.ss, self.initial, self.log.requests, self.log.data
-        matched = self._matched = []  # per written LBA, the version it reads (-1: base)
+        matched: list = []  # per written LBA, the version it reads (-1: base) or a digest
+        self._matched = matched
         for lba in self.touched:
             vers = self.versions[lba]
             need = None
             for n in vers:
                 r = reqs[n]
                 at = r.replied + 1 if kind == "kill" and r.status == 0 and \
-                    r.replied is not None else getattr(r, "durable_at", None)
+                    r.replied is not None else r.durable_at
                 if at is not None and at <= p:
                     need = n  # issue order: the last one found is the newest
             sector = got[lba * ss:(lba + 1) * ss]
@@ -451,7 +454,7 @@ class Replay:
                 if need is not None and self._is_version(sector, lba, vers, p):
                     rep.lost_durable += 1
                     yield (f"LBA {lba} lost write {need} (acknowledged durable at record "
-                           f"{getattr(reqs[need], 'durable_at', 0) - 1}): it reads an "
+                           f"{(reqs[need].durable_at or 0) - 1}): it reads an "
                            "older version")
                 else:
                     rep.torn_sectors += 1

@@ -18,8 +18,15 @@ from btt_core.writelog import WriteLog
 from bttctl.main import main as bttctl
 
 from conftest import MiB, btt_file
-from workloads import (can_mount, ext4_fsstress, fio_verify, have, mkfs_ext4, qemu_img_convert,
-                       recording)
+from workloads import (
+    can_mount,
+    ext4_fsstress,
+    fio_verify,
+    have,
+    mkfs_ext4,
+    qemu_img_convert,
+    recording,
+)
 
 LONG = bool(os.environ.get("BTT_LONG"))
 E2FSCK = ["e2fsck", "-fn"]
