@@ -8,6 +8,7 @@ error, 65 the log cannot be replayed, 74 I/O error. The report goes to stdout (J
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -40,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--fsck", metavar="CMD", nargs="?", const="e2fsck -fn",
                    help="run CMD IMAGE on each distinct export content (default when given "
                         "without CMD: e2fsck -fn); non-zero exit is a failure")
+    p.add_argument("--fsck-prepare", metavar="CMD",
+                   help="run CMD IMAGE before --fsck's command, its status ignored (default "
+                        "for e2fsck: `e2fsck -E journal_only -y`, which replays ext4's journal "
+                        "on the scratch copy as a mount would; '' for none)")
     p.add_argument("--workdir", metavar="DIR", help="where --fsck's image copy goes (default: "
                    "the system's temporary directory)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -69,11 +74,14 @@ def cmd_replay(args) -> int:
     if fsck and not shutil.which(fsck[0]):
         print(f"bttctl replay-log: {fsck[0]}: command not found", file=sys.stderr)
         return EXIT_USAGE
+    prepare = shlex.split(args.fsck_prepare) if args.fsck_prepare else None
+    if fsck and args.fsck_prepare is None and os.path.basename(fsck[0]) == "e2fsck":
+        prepare = [fsck[0], "-E", "journal_only", "-y"]
     kinds = ("power", "kill") if args.kind == "both" else (args.kind,)
     progress = _Progress(sys.stderr)
     try:
         replay = Replay(read_log(args.log), args.image, torn=args.torn, seed=args.seed,
-                        fsck=fsck, max_points=args.max_points, kinds=kinds,
+                        fsck=fsck, fsck_prepare=prepare, max_points=args.max_points, kinds=kinds,
                         workdir=args.workdir, progress=progress)
         rep = replay.run()
     except LogError as e:
