@@ -168,6 +168,11 @@ def cmd_serve(args) -> int:
     except OSError as e:
         _say(f"bttctl serve: {e.strerror}")
         return 1
+    if args.log_writes and os.path.lexists(args.log_writes):
+        # The plugin refuses it too (O_EXCL): this says it in one line before nbdkit starts.
+        _say(f"bttctl serve: write log {args.log_writes} already exists; refusing to "
+             "overwrite it (name a new file)")
+        return 1
     locked = _check_locks(regions)
     if locked:
         _say(f"bttctl serve: {locked}")

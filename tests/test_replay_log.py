@@ -287,6 +287,49 @@ def test_replayer_catches_a_broken_server(tmp_path, name):
     assert rep.failures > 0, rep.as_dict()
 
 
+def test_bttctl_serve_log_writes(tmp_path):
+    """`bttctl serve --log-writes` records a client's writes and flushes; a path that
+    exists already is one line, and the server does not start."""
+    import signal
+    import subprocess
+    import sys
+
+    import nbd
+
+    from nbd_helpers import ENV
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(ENV, PYTHONPATH=root)
+    region = btt_file(tmp_path / "r.img", 20 * MiB)
+    base = str(tmp_path / "base.img")
+    shutil.copyfile(region, base)
+    log = tmp_path / "w.log"
+    argv = [sys.executable, "-m", "bttctl.main", "serve", "--region", region,
+            "--socket", str(tmp_path / "s.sock"), "--log-writes", str(log)]
+    p = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip(), p.stderr.read()
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={tmp_path / 's.sock'}")
+        h.pwrite(b"\x5a" * 8192, 4096)
+        h.flush()
+        h.pwrite(b"\xa5" * 4096, 0, nbd.CMD_FLAG_FUA)
+        h.shutdown()
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+    parsed = read_log(log)
+    assert [(r.kind, r.off, r.length, r.fua, r.status) for r in parsed.requests] == [
+        ("write", 4096, 8192, False, 0), ("flush", 0, 0, False, 0), ("write", 0, 4096, True, 0)]
+    assert replay(log, base, torn=2).failures == 0
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "already exists; refusing to overwrite it" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert read_log(log).requests == parsed.requests  # untouched
+
+
 # ---- the long run ------------------------------------------------------------------------
 
 @pytest.mark.long
