@@ -182,7 +182,8 @@ def _read_record(log: Log, mm, pos: int, size: int, by_id: dict) -> str:
 class Report:
     images: int = 0
     points: int = 0
-    failures: int = 0
+    failures: int = 0  # problems found, over all images
+    failed_images: int = 0
     first_failure: dict | None = None
     listed: list = field(default_factory=list)
     by_kind: dict = field(default_factory=dict)
@@ -202,6 +203,7 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"images": self.images, "points": self.points, "failures": self.failures,
+                "failed_images": self.failed_images,
                 "first_failure": self.first_failure, "failures_listed": self.listed,
                 "images_by_kind": self.by_kind, "fsck_runs": self.fsck_runs,
                 "fsck_failures": self.fsck_failures, "torn_sectors": self.torn_sectors,
@@ -329,7 +331,8 @@ class Replay:
                 if "power" in self.kinds:
                     self._power_images(rep, p, durable, d_next)
                 if "kill" in self.kinds:
-                    self._check(rep, p, "kill", "all written", full.clone(), journal.clone())
+                    self._check(rep, p, "kill", "all written", full.clone(),
+                                journal.clone() if self.journal_writes else None)
                 if self.progress:
                     self.progress(done + 1, len(pts), rep)
         for io in (durable, full, journal):
@@ -377,10 +380,12 @@ class Replay:
                journal: Io | None) -> None:
         rep.images += 1
         rep.by_kind[kind] = rep.by_kind.get(kind, 0) + 1
+        before = rep.failures
         try:
             for problem in self._problems(rep, p, kind, img, journal):
                 rep.fail(p, kind, variant, problem)
         finally:
+            rep.failed_images += rep.failures > before
             img.close()
             if journal is not None:
                 journal.close()

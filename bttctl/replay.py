@@ -99,7 +99,8 @@ def cmd_replay(args) -> int:
     else:
         kinds_text = ", ".join(f"{n} {k}" for k, n in d["images_by_kind"].items())
         print(f"{d['images']} crash images ({kinds_text}) at {d['points']} crash points: "
-              f"{d['failures']} failures; {d['torn_sectors']} torn sectors, "
+              f"{d['failures']} failures in {d['failed_images']} images; "
+              f"{d['torn_sectors']} torn sectors, "
               f"{d['lost_durable_writes']} lost durable writes"
               + (f", {d['fsck_failures']} of {d['fsck_runs']} {fsck[0]} runs failed"
                  if fsck else ""))
