@@ -20,9 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # In dependency order: each file uses only what the ones before it define (btt_int.h).
 SOURCES = ["errmsg.c", "crc32c.c", "backend.c", "flog.c", "layout.c", "map.c", "read.c",
            "journal.c", "commit.c", "write.c", "extents.c", "open.c", "btt.c", "check.c",
-           "rawio.c"]
+           "rawio.c", "writelog.c"]
 MUTATIONS = os.environ.get("BTT_MUTATIONS") == "1"
 MODULE = "btt_core._btt_cffi_test" if MUTATIONS else "btt_core._btt_cffi"
+# What Python sees, in this order; the test build adds its switches (btt_test.h).
+HEADERS = ["btt.h", "writelog.h"] + (["btt_test.h"] if MUTATIONS else [])
 
 
 def header_cdef(name: str) -> str:
@@ -46,8 +48,7 @@ extern "Python" void _check_progress(void *ctx, int arena, uint64_t done, uint64
 """
 
 ffibuilder = FFI()
-ffibuilder.cdef(header_cdef("btt.h") + (header_cdef("btt_test.h") if MUTATIONS else "")
-                + CALLBACKS)
+ffibuilder.cdef("".join(header_cdef(h) for h in HEADERS) + CALLBACKS)
 
 _flags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread",
           "-fvisibility=hidden"]
@@ -67,7 +68,7 @@ elif _sanitize:
 
 ffibuilder.set_source(
     MODULE,
-    '#include "btt.h"\n' + ('#include "btt_test.h"\n' if MUTATIONS else ""),
+    "".join(f'#include "{h}"\n' for h in HEADERS),
     # pip wants paths relative to the project; ffibuilder.compile() (the sanitizer and test
     # builds, built directly) changes directory first, so they need them absolute.
     sources=[os.path.join(HERE if _sanitize or MUTATIONS else "", "btt_core", s)

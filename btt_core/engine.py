@@ -364,8 +364,10 @@ class Btt:
 
     @classmethod
     def open(cls, path, *, offset=0, size=None, parent_uuid=None, readonly=False,
-             durability="group", version=None, journal=None) -> "Btt":
-        """Opens an existing BTT; recovery (map redo, journal replay) runs here."""
+             durability="group", version=None, journal=None, log=None) -> "Btt":
+        """Opens an existing BTT; recovery (map redo, journal replay) runs here. With a
+        WriteLog (btt_core/writelog.py), every write to the files is recorded, recovery's
+        included."""
         io = Io.file(path, readonly=readonly)
         jpath = os.fspath(journal) if journal else _journal_path(path, offset)
         jio = None
@@ -375,6 +377,9 @@ class Btt:
                     jio = _open_journal(jpath, readonly=True) if os.path.lexists(jpath) else None
                 else:
                     jio = _open_journal(jpath, readonly=False)
+            if log is not None and not readonly:
+                io, jio = log.wrap_btt(io, jio, offset=offset, size=size, path=path,
+                                       durability=durability, journal_path=jpath)
             return cls.open_io(io, offset=offset, size=size, parent_uuid=parent_uuid,
                                readonly=readonly, durability=durability, version=version,
                                journal=jio, _owned_path=jpath)

@@ -312,7 +312,10 @@ static int journal_replay(struct btt *b)
 	free(sector);
 	if (replayed > 0)
 		STAT_ADD(b, journal_replayed, (uint64_t)replayed);
-	b->epoch = oldest + 2; /* entries replayed now are committed before any new epoch */
+	/* b->epoch stays the random one open drew, not oldest + 2: the header may be older
+	 * than the journal (its last rewrite lost to a power cut), and the regions can still
+	 * hold entries of epoch oldest + 2 from that run; numbering on from oldest would make
+	 * a later replay apply them. Entries replayed now are committed before any new epoch. */
 	return replayed;
 }
 

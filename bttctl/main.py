@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from bttctl import check, namespace, serve
+from bttctl import check, namespace, replay, serve
 
 EXIT_USAGE = 64
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     namespace.register(sub)
     check.register(sub)
+    replay.register(sub)
     return parser
 
 

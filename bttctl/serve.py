@@ -80,6 +80,9 @@ def register(subparsers) -> None:
     p.add_argument("--lease-ttl", type=float, default=lease.TTL, metavar="SECONDS",
                    help=f"seconds without a heartbeat after which another server may take "
                    f"the lease over (default {lease.TTL:g}; renewed every quarter of it)")
+    p.add_argument("--log-writes", metavar="PATH",
+                   help="record every write, sync and flush reply to this new file, for "
+                        "`bttctl replay-log` (docs/write-log.md); copy the region file first")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=cmd_serve)
 
@@ -262,6 +265,11 @@ def cmd_serve(args) -> int:
     except OSError as e:
         _say(f"bttctl serve: {e.strerror}")
         return 1
+    if args.log_writes and os.path.lexists(args.log_writes):
+        # The plugin refuses it too (O_EXCL): this says it in one line before nbdkit starts.
+        _say(f"bttctl serve: write log {args.log_writes} already exists; refusing to "
+             "overwrite it (name a new file)")
+        return 1
     locked = _check_locks(regions, args.lease)
     if locked:
         _say(f"bttctl serve: {locked}")
@@ -290,7 +298,8 @@ def _serve(args, regions, listen, where, control, creds, fds, pid_file) -> int:
             f"zero-flag={args.zero_flag}", f"threadmodel={args.threadmodel}",
             f"control={control}", f"lease={args.lease}", f"lease-ttl={args.lease_ttl:g}",
             *(["readonly=on"] if args.readonly else []),
-            *([f"max-connections={args.max_connections}"] if args.max_connections else [])]
+            *([f"max-connections={args.max_connections}"] if args.max_connections else []),
+            *([f"log-writes={os.path.abspath(args.log_writes)}"] if args.log_writes else [])]
     env = activation.child_env(dict(os.environ, PATH="/usr/bin:/bin:" + os.environ.get(
         "PATH", "")), fds)
     stop = {"signals": 0, "at": 0.0}

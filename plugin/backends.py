@@ -78,9 +78,10 @@ class SectorBackend:
     mode = "sector"
 
     def __init__(self, path: str, offset: int, size: int | None, readonly: bool,
-                 durability: str, zero_flag: bool, commit_ms: int, version: str | None = None):
+                 durability: str, zero_flag: bool, commit_ms: int, version: str | None = None,
+                 log=None):
         self.btt = Btt.open(path, offset=offset, size=size, readonly=readonly,
-                            durability=durability, version=version)
+                            durability=durability, version=version, log=log)
         self.btt.start_timer(commit_ms)
         self.readonly, self.zero_flag, self.durability = readonly, zero_flag, durability
         self.sector_size = self.btt.sector_size
@@ -89,6 +90,12 @@ class SectorBackend:
         self.pread = self.btt.pread  # bound once: the hot path is one C call
         self.pwrite = self.btt.pwrite
         self.block_status = self.btt.block_status  # Z entries and unwritten blocks are holes
+        if log is not None and not readonly:
+            # Recording (log-writes=): the requests are marked in the log around the engine's
+            # calls. Chosen here, once: a server that does not record runs the plain calls.
+            self.pwrite = log.recorded_pwrite(self.pwrite)
+            self.flush = log.recorded_flush(self.btt.flush)  # type: ignore[method-assign]
+            self.zero = log.recorded_zero(self._zero)  # type: ignore[method-assign]
 
     def flush(self) -> None:
         self.btt.flush()
@@ -98,6 +105,9 @@ class SectorBackend:
         return self.zero_flag and may_trim
 
     def zero(self, offset: int, count: int, may_trim: bool, fua: bool) -> None:
+        self._zero(offset, count, may_trim, fua)
+
+    def _zero(self, offset: int, count: int, may_trim: bool, fua: bool) -> None:
         ss = self.sector_size
         one = self.btt.set_zero if self.zero_flag and may_trim else self.btt.write_zeroes
         _zero_in_chunks(lambda off, n, last_fua: one(off // ss, n // ss, last_fua),

@@ -122,7 +122,7 @@ class Registry:
             return key, lambda: SectorBackend(
                 region.path, ns.offset, ns.size, readonly, s.get("durability", "group"),
                 s.get("zero-flag", "off") == "on", int(s.get("commit-ms", 50)),
-                version=info["version"])
+                version=info["version"], log=s.get("writelog"))
         if mode == "raw":
             sector = ns.sector_size if ns.kind == "pmem" else RAW_SECTOR
             key = ("raw", ns.offset, ns.size, sector, readonly)

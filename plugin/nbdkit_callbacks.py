@@ -20,6 +20,7 @@ import nbdkit
 
 from btt_core.engine import MAX_EXTENTS, MAX_REQUEST
 from btt_core.errors import errno_name, one_line
+from btt_core.writelog import WriteLog
 from control.server import error_text
 from control.sockets import clear_socket_path
 from nvdimm import lease
@@ -130,7 +131,7 @@ def config(key, value):
         if not value.isdigit() or not 1 <= int(value) <= 60000:
             raise ValueError(f"commit-ms={value}: use 1..60000")
         settings[key] = value
-    elif key == "control":
+    elif key in ("control", "log-writes"):
         settings[key] = os.path.abspath(value)
     elif key == "max-connections":
         if not value.isdigit() or int(value) < 1:
@@ -152,7 +153,7 @@ def config(key, value):
     else:
         raise ValueError(f"unknown parameter {key}={value}; known: region, durability, "
                          f"zero-flag, threadmodel, commit-ms, control, readonly, "
-                         f"max-connections, lease, lease-ttl")
+                         f"max-connections, lease, lease-ttl, log-writes")
 
 
 def config_complete():
@@ -212,6 +213,9 @@ def get_ready():
             registry.add_region(path)
         if settings["control"]:  # bound in after_fork; refuse a bad path before anything starts
             clear_socket_path(settings["control"], "control socket")
+        if settings.get("log-writes"):  # recording (docs/write-log.md): created, never reused
+            settings["writelog"] = WriteLog.create(settings["log-writes"],
+                                                   note=f"nbdkit-btt pid {os.getpid()}")
     except OSError as e:
         raise Refusal(one_line(e)) from None
     for r in registry.regions:
@@ -271,6 +275,8 @@ def cleanup():
     if control_server:
         control_server.stop()
     registry.close_all()
+    if settings.get("writelog"):
+        settings["writelog"].close()
     for held in region_locks:  # after the engines' last commit: a released lease is free
         held.close()
     region_locks.clear()

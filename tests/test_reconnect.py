@@ -12,6 +12,7 @@ import pytest
 
 from conftest import btt_file
 from nbd_helpers import ENV, Server
+from testbuild import server_env
 
 pytestmark = pytest.mark.e2e
 EXPORT = "namespace0.0"
@@ -150,7 +151,7 @@ def test_libnbd_retry_check_catches_a_server_without_its_journal(tmp_path):
     for attempt in range(4):
         run = tmp_path / str(attempt)
         run.mkdir()
-        _, got, want = _libnbd_across_kill_9(run, env={"BTT_TEST_MUTATION": "no-journal"})
+        _, got, want = _libnbd_across_kill_9(run, env=server_env("no-journal"))
         if got != want:
             assert got[0] == want[0] and got[1 << 20] == want[1 << 20]  # flushed, rewritten
             return

@@ -26,6 +26,7 @@ from conftest import MiB, btt_file, pattern
 from glusterfs import Unavailable, Volume
 from nbd_helpers import ENV, Server, connect
 from test_e2e_durability import kill_9_cycles
+from testbuild import server_env
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e
@@ -176,7 +177,7 @@ def test_failover_kill_9_on_host_a_then_serve_from_host_b(tmp_path, hosts, mutat
     read-only, every flushed write is there and each sector of set 2 is old or new."""
     a, b = hosts
     btt_file(os.path.join(a, "r.img"), size=32 * MiB)
-    env = {"BTT_TEST_MUTATION": mutation} if mutation else None
+    env = server_env(mutation) if mutation else None
     _kill_9_after_writes(tmp_path, os.path.join(a, "r.img"), N, env)
     region_b = os.path.join(b, "r.img")
 
