@@ -16,10 +16,10 @@ import sys
 
 from btt_core import BttError, check_namespace, read_infoblock
 from btt_core.errors import errno_name
-from bttctl.namespace import EXIT_REFUSED, EXIT_USAGE, default_control, refused, where_args
+from bttctl.exits import EXIT_IO, EXIT_REFUSED, EXIT_USAGE
+from bttctl.namespace import default_control, refused, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
-EXIT_IO = 74
 
 
 def register(subparsers) -> None:

@@ -22,7 +22,8 @@ import sys
 import uuid as uuidlib
 
 from btt_core.errors import errno_name
-from bttctl.namespace import EXIT_REFUSED, call, show_reply
+from bttctl.exits import EXIT_REFUSED
+from bttctl.namespace import call, show_reply
 from control.server import error_text
 
 

@@ -9,8 +9,7 @@ import os
 import sys
 
 from bttctl import check, namespace, replay, serve
-
-EXIT_USAGE = 64
+from bttctl.exits import EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):

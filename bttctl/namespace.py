@@ -18,12 +18,12 @@ import re
 import sys
 
 from btt_core.errors import errno_name
+from bttctl.exits import EXIT_REFUSED, EXIT_USAGE
 from control.server import error_reply, error_text, request
 from control.sockets import socket_ident
 from control.verbs import WIRE_SECTOR_SIZES
 
 DEFAULT_CONTROL = os.path.join("var", "nbd.ctl")
-EXIT_REFUSED, EXIT_USAGE = 1, 64
 
 
 def register(subparsers) -> None:

@@ -15,8 +15,9 @@ import sys
 
 from btt_core.errors import errno_name
 from btt_core.replay import LogError, Replay, read_log
+from bttctl.exits import EXIT_DATAERR, EXIT_IO, EXIT_USAGE
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_BAD_LOG, EXIT_IO = 0, 1, 64, 65, 74
+EXIT_OK, EXIT_FAILURES = 0, 1
 
 
 def register(subparsers) -> None:
@@ -86,7 +87,7 @@ def cmd_replay(args) -> int:
         rep = replay.run()
     except LogError as e:
         print(f"bttctl replay-log: {e.strerror} ({errno_name(e.errno)})", file=sys.stderr)
-        return EXIT_BAD_LOG
+        return EXIT_DATAERR
     except OSError as e:
         print(f"bttctl replay-log: {e.strerror or e} ({errno_name(e.errno or 5)})",
               file=sys.stderr)

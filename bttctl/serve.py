@@ -17,6 +17,7 @@ import threading
 import time
 
 from bttctl import activation, tls
+from bttctl.exits import EXIT_USAGE
 from bttctl.pidfile import PidFile, PidFileError
 from control.sockets import clear_socket_path, socket_ident, unlink_if_same
 from nvdimm import lease
@@ -230,23 +231,23 @@ def cmd_serve(args) -> int:
     for r in regions:
         if not os.path.isfile(r):
             _say(f"bttctl serve: {r}: no such file")
-            return 64
+            return EXIT_USAGE
     if args.max_connections is not None and args.max_connections < 1:
         _say("bttctl serve: --max-connections must be 1 or more")
-        return 64
+        return EXIT_USAGE
     if not lease.MIN_TTL <= args.lease_ttl <= lease.MAX_TTL:
         _say(f"bttctl serve: --lease-ttl must be {lease.MIN_TTL:g}..{lease.MAX_TTL:g} seconds")
-        return 64
+        return EXIT_USAGE
     if not 1 <= args.threads <= 256:
         _say("bttctl serve: --threads must be 1..256")
-        return 64
+        return EXIT_USAGE
     try:
         creds = tls.from_args(args.tls, args.tls_certificates, args.tls_psk,
                               args.tls_verify_peer)
         fds = activation.listen_fds(os.environ)
     except (tls.TlsError, activation.ActivationError) as e:
         _say(f"bttctl serve: {e}")
-        return 64
+        return EXIT_USAGE
     var = os.path.dirname(regions[0])
     listen, where, default_control = _listen_args(args, var, fds)
     control = os.path.abspath(args.control or default_control)
