@@ -8,9 +8,11 @@ and removed on a clean exit only while it still is the file written here.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 MAX_PID_TEXT = 64
+_PID_TEXT = re.compile(rb"(?:[0-9]{1,20}\n?)?")  # what a pid file holds, or nothing
 
 
 class PidFileError(Exception):
@@ -51,7 +53,14 @@ class PidFile:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise PidFileError(f"--pid-file {self.path}: not a regular file")
-        old = os.read(fd, MAX_PID_TEXT).strip()
+        old = os.read(fd, MAX_PID_TEXT + 1)
+        if not self.created and (st.st_size > MAX_PID_TEXT or not _PID_TEXT.fullmatch(old)):
+            # Only an empty file or a stale pid file is taken over (rewritten, then removed
+            # on exit): any other file is somebody's data.
+            os.close(fd)
+            raise PidFileError(f"--pid-file {self.path}: exists and is not a pid file "
+                               f"({st.st_size} bytes); refusing to overwrite it")
+        old = old.strip()
         if old.isdigit() and int(old) != os.getpid() and _running_bttctl(int(old)):
             os.close(fd)
             raise PidFileError(f"--pid-file {self.path}: in use by the running server "
@@ -61,8 +70,10 @@ class PidFile:
     def publish(self) -> None:
         """Write our pid: the server now answers."""
         assert self.fd is not None
+        text = f"{os.getpid()}\n".encode()
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        if os.pwrite(self.fd, text, 0) != len(text):
+            raise OSError(f"--pid-file {self.path}: short write")
         self.written = True
 
     def release(self) -> None:

@@ -184,6 +184,14 @@ def test_pid_file_is_not_followed_and_not_shared(tmp_path):
                                       "symbolic links")
     assert precious.read_text() == "keep\n" and link.is_symlink()
     assert not (tmp_path / "r.sock").exists()  # refused before nbdkit started
+    # A file that is not a pid file is somebody's data: neither rewritten nor removed
+    refused = subprocess.run([*BTTCTL, "serve", "--region", region, "--pid-file",
+                              str(precious)], cwd=tmp_path, env=CLI_ENV, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"bttctl serve: --pid-file {precious}: exists and is not a pid file (5 bytes); "
+        "refusing to overwrite it")
+    assert precious.read_text() == "keep\n"
     # A stale pid file (its process is gone) is taken over, and removed at exit
     pid_file = tmp_path / "serve.pid"
     pid_file.write_text("999999999\n")
