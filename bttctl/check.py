@@ -84,7 +84,7 @@ class _Progress:
             self.stream.write("\r" + " " * 40 + "\r")
 
 
-def _fail(e: BttError) -> int:
+def _fail(e: OSError) -> int:
     print(f"bttctl: {e.strerror if e.strerror else e} ({errno_name(e.errno)})",
           file=sys.stderr)
     if e.errno == errno.ENODEV:
@@ -200,7 +200,7 @@ def _check_file(args, locked: bool = False) -> int:
         from nvdimm.regionfile import lock_region
         try:
             lock = lock_region(args.target)
-        except BttError as e:
+        except OSError as e:  # BttError, NdError (EBUSY: a lease held elsewhere), EACCES
             return _fail(e)
     try:
         return _check_locked(args)

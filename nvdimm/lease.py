@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import socket
@@ -113,6 +114,11 @@ def decode(raw: bytes) -> dict | None:
     if not isinstance(rec, dict) or any(not isinstance(rec.get(k), t) for k, t in kinds.items()):
         return None
     if rec["state"] not in ("held", "released") or not 0 < rec["ttl"] <= MAX_TTL:
+        return None
+    # bool is an int to isinstance; a pid must fit pid_t; NaN would read as stale at once
+    if type(rec["pid"]) is not int or not 0 < rec["pid"] < 1 << 22:
+        return None
+    if not math.isfinite(rec["heartbeat"]):
         return None
     return rec
 

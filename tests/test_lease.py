@@ -177,3 +177,15 @@ def test_auto_takes_a_lease_on_shared_file_systems_only(region):
                                                      lease.SHARED_FS)
     with pytest.raises(NdError, match="use auto, on, off"):
         lease.wanted(region, "maybe")
+
+
+@pytest.mark.parametrize("field,value", [("pid", True), ("pid", 1 << 70), ("pid", 0),
+                                         ("heartbeat", float("nan")),
+                                         ("heartbeat", float("inf"))])
+def test_a_record_with_a_checksum_but_impossible_values_is_damaged(field, value):
+    """A record whose CRC holds is still untrusted: a pid beyond pid_t made os.kill raise
+    OverflowError (a traceback), and a NaN heartbeat read as stale, free to take."""
+    good = {"state": "held", "pid": 4242, "host": "h", "boot": "b", "token": "t",
+            "heartbeat": time.time(), "ttl": 15.0}
+    assert lease.decode(lease.encode(good)) == good
+    assert lease.decode(lease.encode(dict(good, **{field: value}))) is None
