@@ -69,6 +69,9 @@ static void put_log(struct btt_writelog *log)
 {
 	if (atomic_fetch_sub(&log->refs, 1) != 1)
 		return;
+	/* The log is evidence: a host crash soon after a clean stop must not cut its tail, which
+	 * a replay could not tell from a shorter workload. */
+	(void)fdatasync(log->fd);
 	close(log->fd);
 	pthread_mutex_destroy(&log->lock);
 	free(log);
