@@ -53,6 +53,7 @@ ROLE_NAMES = {lib.BTT_WL_ROLE_REGION: "region", lib.BTT_WL_ROLE_JOURNAL: "journa
 TEAR = 512  # the unit a power cut may tear a write into
 LOAD_CHUNK = 1 << 20
 MAX_LISTED = 20  # failures listed in a report (all are counted)
+MAX_FILE_SIZE = 1 << 50  # beyond any region or journal served; a larger FILE size is damage
 
 (WRITE, ZERO, SYNC, FILE, NBD_WRITE, NBD_ZERO, NBD_FLUSH, NBD_REPLY) = (
     lib.BTT_WL_WRITE, lib.BTT_WL_ZERO, lib.BTT_WL_SYNC, lib.BTT_WL_FILE, lib.BTT_WL_NBD_WRITE,
@@ -151,14 +152,22 @@ def _read_record(log: Log, mm, pos: int, size: int, by_id: dict) -> str:
         if dlen < FILE_DATA.size or rid not in ROLE_NAMES or target in log.targets:
             return "malformed FILE record"
         fsize, dur, _, boot = FILE_DATA.unpack_from(mm, dpos)
+        if dur not in DURABILITY_NAMES or fsize > MAX_FILE_SIZE or off + length > MAX_FILE_SIZE \
+                or (rid == lib.BTT_WL_ROLE_REGION and off + length > fsize):
+            return "FILE record with an unknown durability or sizes out of range"
         name = mm[dpos + FILE_DATA.size:dpos + dlen].decode(errors="replace")
-        log.targets[target] = Target(ROLE_NAMES[rid], DURABILITY_NAMES.get(dur, "group"), off,
+        log.targets[target] = Target(ROLE_NAMES[rid], DURABILITY_NAMES[dur], off,
                                      length, fsize, bytes(boot), name)
     elif kind in (WRITE, ZERO, SYNC):
         if target not in log.targets:
             return f"names file {target}, which no FILE record introduced"
         if kind == WRITE and dlen != length:
             return "WRITE record whose data is not its length"
+        # The region has the size its FILE record says; the journal may grow, up to the cap.
+        limit = log.targets[target].size if log.targets[target].role == "region" else \
+            MAX_FILE_SIZE
+        if kind != SYNC and off + length > limit:
+            return f"{'WRITE' if kind == WRITE else 'ZERO'} record beyond its file's end"
     elif kind in (NBD_WRITE, NBD_ZERO, NBD_FLUSH):
         if kind == NBD_WRITE and dlen != length:
             return "NBD write record whose data is not its length"

@@ -187,6 +187,24 @@ def test_damaged_tail_ends_the_log_and_is_reported(tmp_path):
     assert Replay(flipped, base).run().failures == 0  # a prefix of a log is a log
 
 
+def test_a_file_record_with_a_checksum_but_an_impossible_size_is_damage(tmp_path):
+    """Checksums only say a record is whole: a FILE size of 2**62 made the replayer try
+    to allocate it (a MemoryError traceback) before its sizes were bounded."""
+    from btt_core.replay import FILE_DATA, RECORD
+    log, _ = record_in_process(tmp_path, "group", n=5)
+    raw = bytearray(open(log, "rb").read())
+    pos = lib.BTT_WL_HEADER_SIZE  # the first record introduces the region: a FILE
+    fields = list(RECORD.unpack_from(raw, pos))
+    dpos = pos + RECORD.size
+    FILE_DATA.pack_into(raw, dpos, 1 << 62, *FILE_DATA.unpack_from(raw, dpos)[1:])
+    fields[8] = lib.btt_crc32c(0, bytes(raw[dpos:dpos + fields[9]]), fields[9])
+    RECORD.pack_into(raw, pos, *fields)
+    fields[10] = lib.btt_crc32c(0, bytes(raw[pos:pos + RECORD.size - 4]), RECORD.size - 4)
+    RECORD.pack_into(raw, pos, *fields)
+    open(log, "wb").write(raw)
+    assert "sizes out of range" in read_log(log).truncated
+
+
 def test_not_a_log_is_one_clear_refusal(tmp_path, capsys):
     (tmp_path / "x").write_bytes(b"\0" * 8192)
     with pytest.raises(LogError):
