@@ -185,12 +185,13 @@ class Lease:
         if late >= self.ttl:
             raise NdError(errno.ETIMEDOUT, f"{self.path}: not renewed for {late:.1f} s, "
                           f"longer than its ttl of {self.ttl:g} s; another server may hold it")
+        started = time.monotonic()  # others judge by the heartbeat stamped before the write
         rec = self.read()
         if not self.ours(rec):
             who = describe(rec, time.time()) if rec else "a damaged record"
             raise NdError(errno.EBUSY, f"{self.path}: the lease was taken over by {who}")
         self._write("held")
-        self.renewed = time.monotonic()
+        self.renewed = started
 
     def start_heartbeat(self, on_lost: Callable[[NdError | OSError], None]) -> None:
         """Renews every ttl / 4 from a daemon thread; `on_lost(error)` when it cannot."""
@@ -269,6 +270,7 @@ def acquire(region: str, ttl: float = TTL, settle: float = SETTLE) -> Lease:
                           f"mode {stat.filemode(st.st_mode)}); move it away if no server "
                           "uses the region")
         lease = Lease(region, fd, ttl)
+        started = time.monotonic()
         raw = read_record(path, fd)
         rec = decode(raw)
         now = time.time()
@@ -281,7 +283,17 @@ def acquire(region: str, ttl: float = TTL, settle: float = SETTLE) -> Lease:
                           f"{path} is fresh; it is taken over once it is {rec['ttl']:g} s "
                           "old (use that server's control socket, --control)")
         lease._write("held")
-        lease.renewed = time.monotonic()
+        lease.renewed = started
+        if settle and time.monotonic() - started > settle / 2:
+            # The read-back below catches a rival whose write lands within `settle` of
+            # ours; a slow read or sync here would let a rival's later write go unseen.
+            # Give it back (a rival that raced us then gives up too: both retry, neither
+            # serves on a lease it cannot be sure of).
+            if lease.ours(lease.read()):
+                lease._write("released")
+            raise NdError(errno.EBUSY, f"{path}: taking the stale lease over took "
+                          f"{time.monotonic() - started:.1f} s (the file system is slow); "
+                          "retry")
         time.sleep(settle)  # another server that read the stale record at the same time
         rec = lease.read()
         if not lease.ours(rec):

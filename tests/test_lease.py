@@ -189,3 +189,21 @@ def test_a_record_with_a_checksum_but_impossible_values_is_damaged(field, value)
             "heartbeat": time.time(), "ttl": 15.0}
     assert lease.decode(lease.encode(good)) == good
     assert lease.decode(lease.encode(dict(good, **{field: value}))) is None
+
+
+def test_a_slow_take_over_is_given_up(region, monkeypatch):
+    """The read-back after `settle` sees a rival only if our write landed within settle / 2
+    of the stale read: a take-over slower than that could miss a rival's later write, so it
+    is refused (retry) instead of trusted."""
+    slow_read = lease.read_record
+
+    def read_record(path, fd):
+        time.sleep(0.15)
+        return slow_read(path, fd)
+
+    monkeypatch.setattr(lease, "read_record", read_record)
+    with pytest.raises(NdError) as e:
+        lease.acquire(region, settle=0.2)
+    assert e.value.errno == errno.EBUSY and "retry" in str(e.value)
+    monkeypatch.setattr(lease, "read_record", slow_read)
+    lease.acquire(region, settle=0.2).close()
