@@ -17,7 +17,7 @@ import sys
 from btt_core import BttError, check_namespace, read_infoblock
 from btt_core.errors import errno_name
 from bttctl.exits import EXIT_IO, EXIT_REFUSED, EXIT_USAGE
-from bttctl.namespace import default_control, refused, where_args
+from bttctl.namespace import default_control, hold, refused, where_args
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
 
@@ -199,7 +199,7 @@ def _check_file(args, locked: bool = False) -> int:
         # A repair must not race a server writing the same BTT (it holds this lock).
         from nvdimm.regionfile import lock_region
         try:
-            lock = lock_region(args.target)
+            lock = hold(lock_region(args.target))
         except OSError as e:  # BttError, NdError (EBUSY: a lease held elsewhere), EACCES
             return _fail(e)
     try:

@@ -158,12 +158,27 @@ def offline(paths, lock: bool = True):
                 raise FileNotFoundError(errno.ENOENT, f"{path}: no such region file")
             path = os.path.realpath(path)  # as the server does: later opens refuse links
             if lock:
-                locks.append(lock_region(path))
+                locks.append(hold(lock_region(path)))
             registry.add_region(path)
         yield registry
     finally:
         for held in locks:
             held.close()
+
+
+def hold(lock):
+    """An offline verb's region lock, with its lease (if any) renewed while the verb runs:
+    a long repair must not look abandoned to another host. If the lease is lost, stop at
+    once, as a server does: every write of the verbs is crash-safe."""
+    if lock.lease is not None:
+        def lost(e: OSError) -> None:
+            try:
+                os.write(2, f"bttctl: {errno_name(e.errno)}: {e.strerror or e}; "
+                            "stopping at once\n".encode())
+            finally:
+                os._exit(EXIT_REFUSED)
+        lock.lease.start_heartbeat(lost)
+    return lock
 
 
 def default_control() -> str:
