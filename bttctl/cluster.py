@@ -68,6 +68,12 @@ def find(controls: list[str], name: str) -> tuple[str, dict]:
             unreachable.append(f"{control} ({e.strerror or e})")
             continue
         found += [(control, ns) for ns in listed if _same(name, ns)]
+    if found and unreachable and not _is_uuid(name):
+        # A device name (or alt_name) may be on an unreachable server too: acting on the
+        # one found could be acting on the wrong namespace. A uuid is the same everywhere.
+        raise OSError(errno.EHOSTUNREACH, f"{name!r} found on {found[0][0]}, but not every "
+                      f"server answered ({', '.join(unreachable)}), and another may have it "
+                      "too: name it by uuid, or choose its server with one --control")
     if len(found) > 1:
         where = ", ".join(f"{ns['dev']} on {c}" for c, ns in found)
         raise OSError(errno.EINVAL, f"{name!r} names several namespaces ({where}): name it by "
@@ -78,14 +84,18 @@ def find(controls: list[str], name: str) -> tuple[str, dict]:
     return found[0]
 
 
-def names_uuid(req: dict) -> bool:
-    """Whether the request names its namespace by uuid (which servers resolve only here)."""
-    name = req.get("namespace") or req.get("reconfig") or req.get("path", "").split("/")[0]
+def _is_uuid(name) -> bool:
     try:
         uuidlib.UUID(name)
     except (ValueError, TypeError, AttributeError):
         return False
     return True
+
+
+def names_uuid(req: dict) -> bool:
+    """Whether the request names its namespace by uuid (which servers resolve only here)."""
+    return _is_uuid(req.get("namespace") or req.get("reconfig") or
+                    req.get("path", "").split("/")[0])
 
 
 def run(controls: list[str], req: dict) -> int:

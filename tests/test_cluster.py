@@ -90,3 +90,10 @@ def test_an_unreachable_server_is_named_and_the_others_still_listed(two_servers,
     assert p.returncode == 1
     assert [n["name"] for n in json.loads(p.stdout)] == ["alpha"]
     assert p.stderr.count("\n") == 1 and gone in p.stderr and "ENOENT" in p.stderr
+    # A device name found on the one server that answered may be on the silent one too:
+    # refused; its uuid is the same everywhere, so that still reaches it.
+    p = bttctl("disable-namespace", "namespace0.0", "--control", gone, "--control", ctl_a)
+    assert p.returncode == 64 and "EHOSTUNREACH" in p.stderr and "by uuid" in p.stderr
+    uuid = json.loads(bttctl("list", "--control", ctl_a).stdout)[0]["uuid"]
+    p = bttctl("get", f"{uuid}/alt_name", "--control", gone, "--control", ctl_a)
+    assert (p.returncode, p.stdout) == (0, "alpha\n"), p.stderr
