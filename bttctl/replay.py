@@ -2,7 +2,8 @@
 (btt_core/replay.py; the log format is docs/write-log.md).
 
 Exit status: 0 every image recovered correctly, 1 failures (the first is printed), 64 usage
-error, 65 the log cannot be replayed, 74 I/O error. The report goes to stdout (JSON with
+error, 65 the log cannot be replayed or is cut short (--allow-truncated accepts its prefix),
+74 I/O error. The report goes to stdout (JSON with
 --json), progress to stderr when it is a terminal.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
                     "could have left; recover each and check the BTT, every sector "
                     "(old-or-new; nothing acknowledged durable lost) and, with --fsck, the "
                     "client's file system. Exit status: 0 all correct, 1 failures, 64 usage "
-                    "error, 65 unreadable log, 74 I/O error.")
+                    "error, 65 unreadable or damaged log, 74 I/O error.")
     p.add_argument("log", help="the write log")
     p.add_argument("--image", required=True, metavar="BASE",
                    help="the region file as it was when recording began (a copy)")
@@ -49,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", metavar="DIR", help="where --fsck's image copy goes (default: "
                    "the system's temporary directory)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="a log whose end is cut short or damaged (the recording host lost "
+                   "power) passes on its readable prefix; without this it exits 65")
     p.set_defaults(func=cmd_replay)
 
 
@@ -106,9 +110,15 @@ def cmd_replay(args) -> int:
               + (f", {d['fsck_failures']} of {d['fsck_runs']} {fsck[0]} runs failed"
                  if fsck else ""))
         if d["log_truncated"]:
-            print(f"the log ends early ({d['log_truncated']}): replayed up to there")
+            print(f"the log ends early ({d['log_truncated']}): replayed up to there"
+                  + ("" if args.allow_truncated else "; not all of it was checked (exit 65; "
+                     "--allow-truncated accepts the prefix)"))
         if d["first_failure"]:
             f = d["first_failure"]
             print(f"first failure: {f['kind']} crash at record {f['point']} "
                   f"({f['variant']}): {f['problem']}")
-    return EXIT_FAILURES if rep.failures else EXIT_OK
+    if rep.failures:
+        return EXIT_FAILURES
+    # A damaged record in the middle of a long log would otherwise pass the prefix before
+    # it as the whole workload: only a caller who knows the recording was cut accepts that.
+    return EXIT_DATAERR if d["log_truncated"] and not args.allow_truncated else EXIT_OK

@@ -185,6 +185,9 @@ def test_damaged_tail_ends_the_log_and_is_reported(tmp_path):
     flipped = read_log(log)
     assert "checksum" in flipped.truncated and len(flipped.records) < whole - 1
     assert Replay(flipped, base).run().failures == 0  # a prefix of a log is a log
+    # ...but the command does not pass a damaged log as if it were all of the workload
+    assert bttctl(["replay-log", log, "--image", base, "--torn", "1"]) == 65
+    assert bttctl(["replay-log", log, "--image", base, "--torn", "1", "--allow-truncated"]) == 0
 
 
 def test_a_file_record_with_a_checksum_but_an_impossible_size_is_damage(tmp_path):
