@@ -285,7 +285,7 @@ int do_read(struct btt *b, uint64_t lba, uint64_t count, void *buf);
 
 /* ---- journal.c: its layout (written there, replayed by open.c) ---- */
 #define J_MAGIC "BTTJRNL1"
-#define J_VERSION 2u
+#define J_VERSION 3u /* 3: entries hold the block they replace (+44) */
 #define J_ENTRY_MAGIC 0x544E454Au
 #define J_HDR 64u
 #define J_ENTRIES 4096u
@@ -293,7 +293,7 @@ int do_read(struct btt *b, uint64_t lba, uint64_t count, void *buf);
 uint64_t journal_region(const struct btt *b, uint64_t epoch);
 int journal_write_header(struct btt *b, uint64_t oldest);
 int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t premap,
-		   uint32_t block, uint32_t seq, uint32_t data_crc);
+		   uint32_t block, uint32_t seq, uint32_t data_crc, uint32_t old);
 
 /* ---- commit.c ---- */
 void wait_commit_locked(struct btt *b);

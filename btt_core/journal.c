@@ -42,7 +42,7 @@ int journal_write_header(struct btt *b, uint64_t oldest)
 }
 
 int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t premap,
-		   uint32_t block, uint32_t seq, uint32_t data_crc)
+		   uint32_t block, uint32_t seq, uint32_t data_crc, uint32_t old)
 {
 	uint8_t e[J_ENTRY] = {0};
 
@@ -57,6 +57,7 @@ int journal_append(struct btt *b, uint32_t aidx, uint32_t lane, uint32_t premap,
 	put32(e + 32, block);
 	put32(e + 36, seq);
 	put32(e + 40, data_crc);
+	put32(e + 44, old & BTT_MAP_MASK);
 	put32(e + 4, btt_crc32c(0, e, J_ENTRY));
 	return b->journal->ops->write(b->journal, e, J_ENTRY, journal_region(b, b->epoch) +
 				      (uint64_t)b->journal_next++ * J_ENTRY);

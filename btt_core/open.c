@@ -247,7 +247,7 @@ static int journal_replay_epoch(struct btt *b, uint64_t epoch, uint8_t *sector)
 
 	for (uint32_t i = 0; i < (uint32_t)b->narenas * BTT_NFREE; i++) {
 		uint64_t off = base + (uint64_t)i * J_ENTRY;
-		uint32_t aidx, lane, premap, block, seq, dcrc, word, crc;
+		uint32_t aidx, lane, premap, block, seq, dcrc, old, word, crc;
 		struct arena *a;
 
 		if (off + J_ENTRY > size || b->journal->ops->read(b->journal, e, J_ENTRY, off))
@@ -259,6 +259,7 @@ static int journal_replay_epoch(struct btt *b, uint64_t epoch, uint8_t *sector)
 			break;
 		aidx = get32(e + 20), lane = get32(e + 24), premap = get32(e + 28);
 		block = get32(e + 32), seq = get32(e + 36), dcrc = get32(e + 40);
+		old = get32(e + 44);
 		if (aidx >= (uint32_t)b->narenas)
 			continue;
 		a = &b->arenas[aidx];
@@ -271,7 +272,11 @@ static int journal_replay_epoch(struct btt *b, uint64_t epoch, uint8_t *sector)
 		if (b->io->ops->read(b->io, sector, b->sector_size, block_off(a, block)) ||
 		    btt_crc32c(0, sector, b->sector_size) != dcrc)
 			continue;
-		if (arena_map_read(b, a, premap, &word) || map_resolve(word, premap) == block)
+		/* ...and only while the map still holds the block the write replaced. A lane's
+		 * seq has three values and its blocks cycle, so an entry of a run whose header
+		 * rewrite a power cut lost can look like it continues its lane; the map then
+		 * moved on (a zero-flag write, a later commit redone from the flog). */
+		if (arena_map_read(b, a, premap, &word) || map_resolve(word, premap) != old)
 			continue;
 		a->lanes[lane].state = LANE_RESERVED;
 		a->clean_lanes--;

@@ -162,7 +162,8 @@ static int write_sector(struct btt *b, struct arena *a, uint32_t premap, const u
 		if (rc)
 			unreserve_lane(b, a, lane, premap);
 		else if (b->journal &&
-			 journal_append(b, (uint32_t)(a - b->arenas), lane, premap, block, seq, crc))
+			 journal_append(b, (uint32_t)(a - b->arenas), lane, premap, block, seq, crc,
+					 a->lanes[lane].st_old))
 			rc = commit_locked(b, b->epoch); /* no journal protection: commit it instead */
 		if (!rc) {
 			STAT_ADD(b, writes, 1);
