@@ -27,13 +27,9 @@ from bttctl.namespace import call, show_reply
 from control.server import error_text
 
 
-def _call(control: str, req: dict) -> dict:
-    return call(control, req)
-
-
 def server_info(control: str) -> dict:
     """{"host", "pid"} of the server behind `control` (the `server` op)."""
-    reply = _call(control, {"op": "server"})
+    reply = call(control, {"op": "server"})
     if not reply.get("ok"):
         raise OSError(errno.EPROTO, f"{control}: {reply.get('error')}")
     return reply["result"]
@@ -41,7 +37,7 @@ def server_info(control: str) -> dict:
 
 def _listing(control: str, req: dict) -> tuple[dict, list]:
     info = server_info(control)
-    reply = _call(control, req)
+    reply = call(control, req)
     if not reply.get("ok"):
         raise OSError(errno.EPROTO, error_text(reply.get("errno", ""), reply.get("error", "")))
     return info, reply["result"]
@@ -113,7 +109,7 @@ def run(controls: list[str], req: dict) -> int:
     else:
         control, ns = find(controls, req[key])
         req = dict(req, **{key: ns["dev"]})
-    return show_reply(f"bttctl {req['op']}: {control}", _call(control, req))
+    return show_reply(f"bttctl {req['op']}: {control}", call(control, req))
 
 
 def _list(controls: list[str], req: dict) -> int:
