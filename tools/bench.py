@@ -17,7 +17,8 @@ measured after four other servers, was mostly read from the disk.
 
 Our servers run as `bttctl serve` starts them (the default thread model, serialize_requests:
 every connection at once); `ours-btt-none-serialize_all` is the model before issue 13. A
-noisy-neighbour run (two namespaces of one server, one reading, one writing with fsync) and a
+noisy-neighbour run (two namespaces of one server, one reading, one writing with fsync; the
+same two in separate servers, and the CPU each keeps busy alone) and a
 sparse copy (nbdcopy of a 1 TiB namespace holding 1 GiB, with block status and without)
 close the run.
 
@@ -227,21 +228,52 @@ def _iops(out: str) -> float:
     return j["read"]["iops"] + j["write"]["iops"]
 
 
+def _busy_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    return sum(v) - idle, sum(v)
+
+
+def _cpu_share_while(proc: subprocess.Popen, skip: float, window: float) -> float:
+    """Fraction of the machine's CPU time busy during `window` seconds of proc's run."""
+    time.sleep(skip)
+    b0, t0 = _busy_cpu()
+    time.sleep(window)
+    b1, t1 = _busy_cpu()
+    proc.wait()
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
 def neighbour(args) -> dict:
     """Issue 13's noisy neighbour, backing files on disk: namespace `a` is read (4k random,
-    QD4) alone, then again while namespace `b` of the same server does 4k random writes at
-    QD1 with an fsync after each. Ours (a labelled region holding both, served as `bttctl
-    serve` does, and under serialize_all, the model before issue 13) against nbdkit's file
-    plugin serving two files: the ratio busy/alone, and the neighbour's own IOPS."""
+    QD4) alone, then again while namespace `b` does 4k random writes at QD1 with an fsync
+    after each; and `b` alone, with the share of the machine's CPU it keeps busy.
+
+    Servers: ours (a labelled region holding both, served as `bttctl serve` does, and under
+    serialize_all, the model before issue 13); nbdkit's file plugin serving two files; and
+    `ours-separate-servers`, a and b each in a region of its own served by a process of its
+    own, which shares nothing with the neighbour but the machine. What a loses there is what
+    the machine loses, not what the server does: the floor that isolation inside one server
+    cannot beat."""
     bttctl = os.path.join(ROOT, ".venv", "bin", "bttctl")
     runs: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
-        region, sock = os.path.join(d, "region.img"), os.path.join(d, "s.sock")
-        subprocess.run([bttctl, "create-region", region, "-s", "1100M"], env=ENV, check=True,
+
+    def region_with(path: str, size: str, *names: str) -> None:
+        subprocess.run([bttctl, "create-region", path, "-s", size], env=ENV, check=True,
                        capture_output=True)
-        for name in ("a", "b"):
-            subprocess.run([bttctl, "create-namespace", "--region", region, "-m", "sector",
-                            "-s", "512M", "-n", name], env=ENV, check=True, capture_output=True)
+        for name in names:
+            subprocess.run([bttctl, "create-namespace", "--region", path, "-m", "sector",
+                            "-s", "512M", "-n", name], env=ENV, check=True,
+                           capture_output=True)
+
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as d:
+        region, sock, sock_b = (os.path.join(d, n) for n in ("region.img", "s.sock", "b.sock"))
+        region_a, region_b = os.path.join(d, "a.img"), os.path.join(d, "b.img")
+        region_with(region, "1100M", "a", "b")
+        region_with(region_a, "600M", "a")
+        region_with(region_b, "600M", "b")
         files = os.path.join(d, "files")
         os.mkdir(files)
         block = os.urandom(1 << 20)
@@ -249,45 +281,63 @@ def neighbour(args) -> dict:
             with open(os.path.join(files, name), "wb") as f:
                 for _ in range(NEIGHBOUR_SIZE >> 20):
                     f.write(block)
-        nbdkit = ["nbdkit", "--foreground", "--unix", sock]
+        nbdkit = ["nbdkit", "--foreground", "--unix"]
+        ours = ["python", args.plugin]
+        uri = "nbd+unix:///{}?socket={}"
+        # name: ([(argv, socket)], a's uri, b's uri, file to warm; a BTT region file is
+        # first filled through a, so that a reads data, not holes)
         configs = {
-            "ours": (nbdkit + ["python", args.plugin, f"region={region}"],
-                     "a", "b", region),
-            "ours-serialize_all": (nbdkit + ["python", args.plugin, f"region={region}",
-                                             "threadmodel=serialize_all"], "a", "b", region),
-            "nbdkit-file": (nbdkit + ["file", f"dir={files}"], "a.img", "b.img",
+            "ours": ([(nbdkit + [sock] + ours + [f"region={region}"], sock)],
+                     uri.format("a", sock), uri.format("b", sock), region),
+            "ours-serialize_all": ([(nbdkit + [sock] + ours + [f"region={region}",
+                                                              "threadmodel=serialize_all"],
+                                     sock)],
+                                   uri.format("a", sock), uri.format("b", sock), region),
+            "ours-separate-servers": ([(nbdkit + [sock] + ours + [f"region={region_a}"], sock),
+                                       (nbdkit + [sock_b] + ours + [f"region={region_b}"],
+                                        sock_b)],
+                                      uri.format("a", sock), uri.format("b", sock_b),
+                                      region_a),
+            "nbdkit-file": ([(nbdkit + [sock, "file", f"dir={files}"], sock)],
+                            uri.format("a.img", sock), uri.format("b.img", sock),
                             os.path.join(files, "a.img")),
         }
-        filled = False
+        filled: set[str] = set()
         for rnd in range(args.rounds):
-            for name, (argv, a, b, warm_path) in configs.items():
-                p = start(argv, sock)
+            for name, (servers_, a, b, warm_path) in configs.items():
+                procs = []
                 try:
-                    if name == "ours" and not filled:  # a is read: give it data, not holes
-                        subprocess.run(["fio", "--name=fill", "--ioengine=nbd",
-                                        f"--uri=nbd+unix:///a?socket={sock}", "--rw=write",
-                                        "--bs=1M", "--iodepth=4",
+                    for argv, s in servers_:
+                        procs.append(start(argv, s))
+                    if name != "nbdkit-file" and warm_path not in filled:
+                        subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={a}",
+                                        "--rw=write", "--bs=1M", "--iodepth=4",
                                         f"--size={NEIGHBOUR_SIZE * 3 // 4}"],
                                        env=ENV, check=True, capture_output=True)
-                        filled = True
+                        filled.add(warm_path)
                     warm(warm_path)
-                    uri = f"nbd+unix:///{{}}?socket={sock}"
-                    alone = os.path.join(d, "alone.json")
-                    _fio_one(uri.format(a), "randread", 4, args.runtime, alone).wait()
-                    busy, nb = os.path.join(d, "busy.json"), os.path.join(d, "nb.json")
-                    noisy = _fio_one(uri.format(b), "randwrite", 1, args.runtime + 2, nb,
-                                     "--fsync=1")
+                    alone, busy, nb = (os.path.join(d, n + ".json")
+                                       for n in ("alone", "busy", "nb"))
+                    a_cpu = _cpu_share_while(_fio_one(a, "randread", 4, args.runtime, alone),
+                                             1.5, max(args.runtime - 1, 1))
+                    b_cpu = _cpu_share_while(
+                        _fio_one(b, "randwrite", 1, args.runtime, nb, "--fsync=1"),
+                        1.5, max(args.runtime - 1, 1))
+                    r = {"a_alone": _iops(alone), "a_alone_cpu": a_cpu,
+                         "neighbour_alone": _iops(nb),
+                         "neighbour_alone_cpu": b_cpu}
+                    noisy = _fio_one(b, "randwrite", 1, args.runtime + 2, nb, "--fsync=1")
                     time.sleep(0.5)
-                    _fio_one(uri.format(a), "randread", 4, args.runtime, busy).wait()
+                    _fio_one(a, "randread", 4, args.runtime, busy).wait()
                     noisy.wait()
-                    r = {"a_alone": _iops(alone), "a_with_neighbour": _iops(busy),
-                         "neighbour": _iops(nb)}
+                    r |= {"a_with_neighbour": _iops(busy), "neighbour": _iops(nb)}
                     r["ratio"] = r["a_with_neighbour"] / r["a_alone"]
                     runs.setdefault(name, []).append(r)
-                    print(f"  [neighbour {rnd + 1}/{args.rounds}] {name:20} "
+                    print(f"  [neighbour {rnd + 1}/{args.rounds}] {name:22} "
                           f"{ {k: round(v, 2) for k, v in r.items()} }", file=sys.stderr)
                 finally:
-                    stop(p)
+                    for p in procs:
+                        stop(p)
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
             for name, rs in runs.items()}
 
@@ -456,13 +506,32 @@ def markdown(all_results: dict, scale_res: dict | None, args,
         lines.append("")
     if neighbour_res:
         lines += ["## Noisy neighbour (issue 13; backing files on disk)", "",
-                  "`a`: randread 4k QD4, alone and while `b` (same server) does randwrite 4k "
-                  "QD1 with `--fsync=1`; medians over the rounds.", "",
-                  "| server | a alone (IOPS) | a with neighbour (IOPS) | ratio (target >= 0.8) "
-                  "| neighbour b (IOPS) |", "|---|---|---|---|---|"]
+                  "`a`: randread 4k QD4, alone and while `b` does randwrite 4k QD1 with "
+                  "`--fsync=1`; `b` alone. CPU: the share of the machine's CPU time (all "
+                  "cores, /proc/stat, iowait counted idle) busy while a or b runs alone. "
+                  "`ours-separate-servers`: a and b in regions of their own, each served by "
+                  "a process of its own, sharing only the machine. Medians over the rounds.",
+                  "", "| server | a alone (IOPS) | CPU, a alone | a with neighbour (IOPS) "
+                  "| ratio (target >= 0.8) | b alone (IOPS) | CPU, b alone | b with a (IOPS) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in neighbour_res.items():
-            lines.append(f"| {name} | {r['a_alone']:.0f} | {r['a_with_neighbour']:.0f} | "
-                         f"{r['ratio']:.2f} | {r['neighbour']:.0f} |")
+            lines.append(f"| {name} | {r['a_alone']:.0f} | {r['a_alone_cpu']:.0%} | "
+                         f"{r['a_with_neighbour']:.0f} | {r['ratio']:.2f} | "
+                         f"{r['neighbour_alone']:.0f} | {r['neighbour_alone_cpu']:.0%} | "
+                         f"{r['neighbour']:.0f} |")
+        ours, apart = neighbour_res.get("ours"), neighbour_res.get("ours-separate-servers")
+        if ours and apart:
+            lines += ["", f"* One server / separate servers (isolation inside the server; 1.0 = "
+                          f"as isolated as two processes): {ours['ratio'] / apart['ratio']:.2f}"]
+        # CPU time is additive at best: with b taking its share, a can have only what is
+        # left, so it keeps at most (1 - b's share) / (a's share) of its rate; less once
+        # the two also contend for caches, wake-ups and the file system.
+        lines += [f"* CPU ceiling for {name}: a alone keeps {r['a_alone_cpu']:.0%} of the CPU "
+                  f"busy, b alone {r['neighbour_alone_cpu']:.0%}, so a keeps at most "
+                  f"{min(1.0, (1 - r['neighbour_alone_cpu']) / r['a_alone_cpu']):.2f} of its "
+                  f"rate with b beside it" for name, r in neighbour_res.items()
+                  if name in ("ours", "ours-separate-servers", "nbdkit-file")
+                  and r["a_alone_cpu"] > 0]
         lines.append("")
     if scale_res:
         lines += ["## 1 TiB namespace vs 1 GiB (sparse, disk-backed, durability none)", "",
