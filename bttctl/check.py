@@ -18,6 +18,7 @@ from btt_core import BttError, check_namespace, read_infoblock
 from btt_core.errors import errno_name
 from bttctl.exits import EXIT_IO, EXIT_REFUSED, EXIT_USAGE
 from bttctl.namespace import default_control, hold, refused, where_args
+from bttctl.progress import ProgressLine
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_REPAIRED, EXIT_NO_BTT = 0, 1, 2, 3
 
@@ -63,11 +64,11 @@ def _target_args(p) -> None:
                    help="only look for this BTT version (default: 1.1, then 2.0)")
 
 
-class _Progress:
-    """A one-line progress indicator, shown only on a terminal."""
+class _Progress(ProgressLine):
+    """Per-arena percentages, for namespaces of 1 MiB or more."""
 
     def __init__(self, stream):
-        self.stream = stream if stream.isatty() else None
+        super().__init__(stream)
         self.last = -1
 
     def __call__(self, arena, done, total):
@@ -76,12 +77,7 @@ class _Progress:
         pct = done * 100 // total
         if pct != self.last:
             self.last = pct
-            self.stream.write(f"\rchecking arena {arena}: {pct:3d}%")
-            self.stream.flush()
-
-    def done(self):
-        if self.stream and self.last >= 0:
-            self.stream.write("\r" + " " * 40 + "\r")
+            self.show(f"checking arena {arena}: {pct:3d}%")
 
 
 def _fail(e: OSError) -> int:

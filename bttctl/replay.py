@@ -17,6 +17,7 @@ import sys
 from btt_core.errors import errno_name
 from btt_core.replay import LogError, Replay, read_log
 from bttctl.exits import EXIT_DATAERR, EXIT_IO, EXIT_USAGE
+from bttctl.progress import ProgressLine
 
 EXIT_OK, EXIT_FAILURES = 0, 1
 
@@ -56,19 +57,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_replay)
 
 
-class _Progress:
-    def __init__(self, stream):
-        self.stream = stream if stream.isatty() else None
-
+class _Progress(ProgressLine):
     def __call__(self, done: int, total: int, rep) -> None:
-        if self.stream:
-            self.stream.write(f"\rcrash point {done}/{total}: {rep.images} images, "
-                              f"{rep.failures} failures ")
-            self.stream.flush()
-
-    def done(self) -> None:
-        if self.stream:
-            self.stream.write("\r" + " " * 60 + "\r")
+        self.show(f"crash point {done}/{total}: {rep.images} images, {rep.failures} failures")
 
 
 def cmd_replay(args) -> int:
