@@ -323,7 +323,8 @@ class Replay:
         pts = self.points()
         rep.points = len(pts)
         durable, full = self.base.clone(), self.base.clone()
-        jsize = max([t.size for t in self.log.targets.values() if t.role == "journal"] + [1])
+        jsize = max((t.size for t in self.log.targets.values() if t.role == "journal"),
+                    default=0)
         journal = Io.memory(max(jsize, 1 << 20))
         d_next = f_next = j_next = s_next = 0
         covered = 0  # every region write before this index is durable
@@ -420,9 +421,10 @@ class Replay:
             got = _read_export(b, self._buf)
         finally:
             b.close()
-        yield from self._sectors(rep, p, kind, got)
+        matched: list = []  # per written LBA, the version it reads (-1: base) or a digest
+        yield from self._sectors(rep, p, kind, got, matched)
         if self.fsck:
-            yield from self._client_check(rep, got)
+            yield from self._client_check(rep, got, tuple(matched))
         # What no request wrote must read its base content: with the written sectors put
         # back to theirs (they are checked above), the whole export compares in one go.
         ss, initial = self.ss, self.initial
@@ -434,11 +436,10 @@ class Replay:
             rep.torn_sectors += 1
             yield f"LBA {first}, never written, changed from its base content"
 
-    def _sectors(self, rep: Report, p: int, kind: str, got: bytearray):
-        """Untouched sectors read their base content; each written one a version allowed at p."""
-        ss, initial, reqs, mm = self.ss, self.initial, self.log.requests, self.log.data
-        matched: list = []  # per written LBA, the version it reads (-1: base) or a digest
-        self._matched = matched
+    def _sectors(self, rep: Report, p: int, kind: str, got: bytearray, matched: list):
+        """Each written sector reads a version allowed at p; what each reads goes to matched
+        (the version, -1 for its base content, or a digest of what it reads instead)."""
+        ss, initial, reqs = self.ss, self.initial, self.log.requests
         for lba in self.touched:
             vers = self.versions[lba]
             need = None
@@ -458,11 +459,7 @@ class Replay:
                 newest_issued = which = n
                 if need is not None and r.replied is not None and r.replied < reqs[need].issued:
                     continue  # finished before the required version began: superseded
-                if r.kind == "zero":
-                    match = not any(sector)
-                else:
-                    pos = r.data_pos + lba * ss - r.off
-                    match = sector == mm[pos:pos + ss]
+                match = self._holds(r, lba, sector)
             matched.append(which if match else hashlib.blake2b(sector).digest())
             if not match:
                 if need is not None and self._is_version(sector, lba, vers, p):
@@ -477,48 +474,49 @@ class Replay:
 
     def _is_version(self, sector, lba: int, vers: list, p: int) -> bool:
         """Whether sector is some version of lba, however old (a lost write, not a tear)."""
-        ss, mm = self.ss, self.log.data
+        ss = self.ss
         if sector == self.initial[lba * ss:(lba + 1) * ss]:
             return True
         for n in vers:
             r = self.log.requests[n]
             if r.issued >= p:
                 break
-            if r.kind == "zero" and not any(sector):
-                return True
-            pos = r.data_pos + lba * ss - r.off
-            if r.kind == "write" and sector == mm[pos:pos + ss]:
+            if self._holds(r, lba, sector):
                 return True
         return False
 
-    def _client_check(self, rep: Report, got: bytearray):
+    def _holds(self, r: Request, lba: int, sector) -> bool:
+        """Whether sector is what request r (a write or a zero of lba) wrote there."""
+        if r.kind == "zero":
+            return not any(sector)
+        ss, pos = self.ss, r.data_pos + lba * self.ss - r.off
+        return sector == self.log.data[pos:pos + ss]
+
+    def _client_check(self, rep: Report, got: bytearray, key: tuple):
         """The client's own checker (e2fsck -fn ...) on the export as the engine reads it,
         once per distinct content."""
         assert self.fsck is not None
-        # The content is the base's but for the written sectors, named by the versions
+        # key: the content is the base's but for the written sectors, named by the versions
         # they read (_sectors): a key that costs nothing to compute. A difference outside
         # them is reported as a failure anyway.
-        key = tuple(self._matched)
         ok = self._fsck_seen.get(key)
-        if ok is None:
-            path = os.path.join(self._tmp, "export.img")
-            with open(path, "wb") as f:
-                f.write(got)
-            if self.fsck_prepare:  # e.g. replaying ext4's journal, as a mount would
-                subprocess.run([*self.fsck_prepare, path], capture_output=True)
-            res = subprocess.run([*self.fsck, path], capture_output=True, text=True)
-            ok = res.returncode == 0
-            rep.fsck_runs += 1
+        if ok is not None:
             if not ok:
-                rep.fsck_failures += 1
-                tail = [line for line in (res.stdout + res.stderr).splitlines()
-                        if line.strip() and not line.startswith(("Pass ", "e2fsck "))][:4]
-                self._fsck_seen[key] = ok
-                yield f"{self.fsck[0]} exited {res.returncode}: {' | '.join(tail)}"
-                return
-            self._fsck_seen[key] = ok
-        elif not ok:
-            yield f"{self.fsck[0]} failed on this content (seen before)"
+                yield f"{self.fsck[0]} failed on this content (seen before)"
+            return
+        path = os.path.join(self._tmp, "export.img")
+        with open(path, "wb") as f:
+            f.write(got)
+        if self.fsck_prepare:  # e.g. replaying ext4's journal, as a mount would
+            subprocess.run([*self.fsck_prepare, path], capture_output=True)
+        res = subprocess.run([*self.fsck, path], capture_output=True, text=True)
+        ok = self._fsck_seen[key] = res.returncode == 0
+        rep.fsck_runs += 1
+        if not ok:
+            rep.fsck_failures += 1
+            tail = [line for line in (res.stdout + res.stderr).splitlines()
+                    if line.strip() and not line.startswith(("Pass ", "e2fsck "))][:4]
+            yield f"{self.fsck[0]} exited {res.returncode}: {' | '.join(tail)}"
 
 
 def _torn(rng: random.Random, off: int, length: int) -> list:
