@@ -170,13 +170,11 @@ def hold(lock):
     """An offline verb's region lock, with its lease (if any) renewed while the verb runs:
     a long repair must not look abandoned to another host. If the lease is lost, stop at
     once, as a server does: every write of the verbs is crash-safe."""
+    from nvdimm.lease import stop_at_once
     if lock.lease is not None:
         def lost(e: OSError) -> None:
-            try:
-                os.write(2, f"bttctl: {errno_name(e.errno)}: {e.strerror or e}; "
-                            "stopping at once\n".encode())
-            finally:
-                os._exit(EXIT_REFUSED)
+            stop_at_once(f"bttctl: {errno_name(e.errno)}: {e.strerror or e}; stopping at once",
+                         lambda: os._exit(EXIT_REFUSED))
         lock.lease.start_heartbeat(lost)
     return lock
 

@@ -220,6 +220,24 @@ class Lease:
             os.close(self.fd)
 
 
+def stop_at_once(line: str, stop: Callable[[], None], wait: float = 1.0) -> None:
+    """What a holder does once its lease is lost (a heartbeat's on_lost): says so in one
+    line on stderr, then calls stop(), which must not return (SIGKILL, os._exit). The line
+    is written from a thread given at most `wait` seconds: a full stderr pipe must not hold
+    the stop up while other threads go on writing to a region that may be someone else's."""
+    def say() -> None:
+        try:
+            os.write(2, (line + "\n").encode())
+        except OSError:
+            pass
+    try:
+        writer = threading.Thread(target=say, name="lease lost", daemon=True)
+        writer.start()
+        writer.join(wait)
+    finally:
+        stop()
+
+
 def read_record(path: str, held_fd: int) -> bytes:
     """RECORD_SIZE bytes of the lease file at `path`, which must still be the file open as
     `held_fd`; b"" for an empty file."""

@@ -238,13 +238,8 @@ def _lease_lost(e: OSError) -> None:
     # Another server may be writing this region now: every further write of ours could
     # corrupt its BTT. Stop as a kill -9 would; the intent journal is on the region's file
     # system for whoever holds it next (docs/scale-out.md, "The lease file").
-    try:  # the message must not stand in the way: a full stderr pipe would block it
-        os.set_blocking(2, False)  # we are about to die; nobody else writes stderr after
-        os.write(2, f"nbdkit-btt: {one_line(e)}; stopping this server at once\n".encode())
-    except OSError:
-        pass
-    finally:
-        os.kill(os.getpid(), signal.SIGKILL)
+    lease.stop_at_once(f"nbdkit-btt: {one_line(e)}; stopping this server at once",
+                       lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 def after_fork():

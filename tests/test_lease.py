@@ -207,3 +207,32 @@ def test_a_slow_take_over_is_given_up(region, monkeypatch):
     assert e.value.errno == errno.EBUSY and "retry" in str(e.value)
     monkeypatch.setattr(lease, "read_record", slow_read)
     lease.acquire(region, settle=0.2).close()
+
+
+def _stop_at_once(stderr) -> subprocess.CompletedProcess:
+    code = ("import os; from nvdimm.lease import stop_at_once; "
+            "stop_at_once('lease lost: stopping', lambda: os._exit(7), wait=0.5)")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, stderr=stderr, timeout=20)
+
+
+def test_a_lost_lease_stops_the_holder_even_when_stderr_is_full():
+    """The server and the offline verbs stop through stop_at_once: its line is given up on
+    after `wait` when stderr is a pipe nobody reads, and the holder stops regardless (a
+    write blocked there would leave its other threads writing a region that may be
+    someone else's)."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        for chunk in (65536, 1):  # fill the pipe to the last byte
+            try:
+                while True:
+                    os.write(w, b"x" * chunk)
+            except BlockingIOError:
+                pass
+        os.set_blocking(w, True)
+        assert _stop_at_once(w).returncode == 7
+    finally:
+        os.close(r)
+        os.close(w)
+    said = _stop_at_once(subprocess.PIPE)
+    assert said.returncode == 7 and said.stderr == b"lease lost: stopping\n"
