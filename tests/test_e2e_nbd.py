@@ -11,6 +11,7 @@ from btt_core import Btt
 
 from conftest import MiB, btt_file, pattern, run, sparse_file
 from nbd_helpers import ENV, Server, connect
+from workloads import loop_device
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e
@@ -192,34 +193,19 @@ def test_fio_verify(tmp_path, server):
 def test_ext4_through_nbdfuse(tmp_path, sector_region):
     """nbdfuse exposes the export as a file; a loop device with 4096-byte sectors on it makes
     every request sector-aligned, as a kernel nbd device would."""
-    import time
-    mnt, fs = tmp_path / "m", tmp_path / "fs"
-    mnt.mkdir()
+    fs = tmp_path / "fs"
     fs.mkdir()
-    with Server(tmp_path, [sector_region]) as s:
-        fuse = subprocess.Popen(["nbdfuse", str(mnt / "disk"), s.uri()], env=ENV)
-        loop = None
+    with Server(tmp_path, [sector_region]) as s, loop_device(s, tmp_path) as loop:
+        run(["mkfs.ext4", "-q", "-F", loop])
+        run(["mount", loop, str(fs)])
         try:
-            for _ in range(200):
-                if (mnt / "disk").exists():
-                    break
-                time.sleep(0.05)
-            loop = run(["losetup", "-f", "--show", "-b", "4096", str(mnt / "disk")]).stdout.strip()
-            run(["mkfs.ext4", "-q", "-F", loop])
-            run(["mount", loop, str(fs)])
-            try:
-                for i in range(20):
-                    (fs / f"f{i}").write_bytes(os.urandom(100_000))
-            finally:
-                run(["umount", str(fs)])
-            assert run(["e2fsck", "-fn", loop], check=False).returncode == 0
-            with open(loop, "rb") as f:
-                served = hashlib.sha256(f.read()).hexdigest()
+            for i in range(20):
+                (fs / f"f{i}").write_bytes(os.urandom(100_000))
         finally:
-            if loop:
-                run(["losetup", "-d", loop], check=False)
-            run(["umount", str(mnt)], check=False)
-            fuse.wait(10)
+            run(["umount", str(fs)])
+        assert run(["e2fsck", "-fn", loop], check=False).returncode == 0
+        with open(loop, "rb") as f:
+            served = hashlib.sha256(f.read()).hexdigest()
     with Btt.open(sector_region, readonly=True) as b:
         h = hashlib.sha256()
         for lba in range(0, b.nlba, 256):

@@ -7,6 +7,7 @@ engine, qemu-img, and the kernel's ext4 on a loop device over nbdfuse.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -86,35 +87,30 @@ def qemu_img_convert(server, tmp_path, *, size: int = 6 * MiB) -> None:
          server.uri()], env=ENV)
 
 
-class _LoopDevice:
-    """The export as a block device with 4096-byte sectors: nbdfuse makes it a file, a
-    loop device a disk (as tests/test_e2e_nbd.py does)."""
-
-    def __init__(self, server, tmp_path):
-        self.server, self.mnt = server, tmp_path / "fuse"
-        self.mnt.mkdir(exist_ok=True)
-
-    def __enter__(self) -> str:
-        self.fuse = subprocess.Popen(["nbdfuse", str(self.mnt / "disk"), self.server.uri()],
-                                     env=ENV)
-        self.loop = None
+@contextlib.contextmanager
+def loop_device(server, tmp_path):
+    """The export as a block device with 4096-byte sectors: nbdfuse makes it a file, a loop
+    device a disk, so every request is sector-aligned as a kernel nbd device's would be."""
+    mnt = tmp_path / "fuse"
+    mnt.mkdir(exist_ok=True)
+    fuse = subprocess.Popen(["nbdfuse", str(mnt / "disk"), server.uri()], env=ENV)
+    loop = None
+    try:
         for _ in range(200):
-            if (self.mnt / "disk").exists():
+            if (mnt / "disk").exists():
                 break
             time.sleep(0.05)
-        self.loop = run(["losetup", "-f", "--show", "-b", "4096",
-                         str(self.mnt / "disk")]).stdout.strip()
-        return self.loop
-
-    def __exit__(self, *exc):
-        if self.loop:
-            run(["losetup", "-d", self.loop], check=False)
-        run(["umount", str(self.mnt)], check=False)
-        self.fuse.wait(10)
+        loop = run(["losetup", "-f", "--show", "-b", "4096", str(mnt / "disk")]).stdout.strip()
+        yield loop
+    finally:
+        if loop:
+            run(["losetup", "-d", loop], check=False)
+        run(["umount", str(mnt)], check=False)
+        fuse.wait(10)
 
 
 def mkfs_ext4(server, tmp_path) -> None:
-    with _LoopDevice(server, tmp_path) as dev:
+    with loop_device(server, tmp_path) as dev:
         run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "nodiscard", dev])
 
 
@@ -123,7 +119,7 @@ def ext4_fsstress(server, tmp_path, *, ops: int = 120, seed: int = 14) -> None:
     overwrites, renames, fsyncs, deletes and directories, decided by a seeded RNG."""
     fs = tmp_path / "fs"
     fs.mkdir(exist_ok=True)
-    with _LoopDevice(server, tmp_path) as dev:
+    with loop_device(server, tmp_path) as dev:
         run(["mount", dev, str(fs)])
         try:
             fsstress(str(fs), ops, seed)
