@@ -179,13 +179,19 @@ def _content(op_index: int, lba: int, size: int) -> bytes:
     return (head * (size // len(head) + 1))[:size]
 
 
-def _torn(rng: random.Random, off: int, data: bytes):
-    """The 512-byte-aligned pieces of a write that reach the media: any subset."""
+def sectors(off: int, data: bytes) -> list[tuple[int, bytes]]:
+    """A write cut at 512-byte boundaries: the pieces a power cut may keep or lose."""
     pieces, pos = [], off
     while pos < off + len(data):
         end = min((pos // 512 + 1) * 512, off + len(data))
         pieces.append((pos, data[pos - off:end - off]))
         pos = end
+    return pieces
+
+
+def _torn(rng: random.Random, off: int, data: bytes):
+    """The 512-byte-aligned pieces of a write that reach the media: any subset."""
+    pieces = sectors(off, data)
     mode = rng.random()
     if mode < 0.4:
         return pieces  # whole

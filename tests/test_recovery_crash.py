@@ -22,13 +22,12 @@ import pytest
 from btt_core import Btt, BttError, Io, check_io
 
 import testbuild
-from crashsim import EIO, GEOMETRIES, Op, crash_clocks, crash_images, record
+from crashsim import EIO, GEOMETRIES, Op, crash_clocks, crash_images, record, sectors
 
 # The workload's "step"s stage writes between a commit's steps: a hook of the test build.
 pytestmark = pytest.mark.testbuild
 LONG = bool(os.environ.get("BTT_LONG"))
 CASES = 400 if LONG else 40  # crash images needing recovery, per workload
-TEAR = 512
 
 WORKLOAD = [Op("write", 1, 1), Op("write", 2, 2), Op("write", 1, 1), Op("flush"),
             Op("write", 7, 1), Op("write", 1, 1), Op("step"), Op("write", 3, 2),
@@ -86,11 +85,8 @@ def repair_writes(io: Io) -> list:
 
 
 def _pieces(off: int, data: bytes, rng: random.Random) -> list:
-    out = []
-    for pos in range(off, off + len(data), TEAR):
-        if rng.random() < 0.5:
-            out.append((pos, data[pos - off:pos - off + TEAR]))
-    return out
+    """Each 512-byte piece of a write kept or lost at even odds."""
+    return [piece for piece in sectors(off, data) if rng.random() < 0.5]
 
 
 def interrupted(io: Io, journal: Io, writes: list, rng: random.Random):

@@ -31,6 +31,7 @@ from nvdimm.stores import AreaStore
 from plugin.exports import Registry
 
 from conftest import MiB, pattern
+from crashsim import sectors
 
 LONG = bool(os.environ.get("BTT_LONG"))
 AREA = 128 * 1024
@@ -120,15 +121,6 @@ def record(base, req):
     return records
 
 
-def _pieces(off, data):
-    out, pos = [], off
-    while pos < off + len(data):
-        end = min((pos // 512 + 1) * 512, off + len(data))
-        out.append((pos, data[pos - off:end - off]))
-        pos = end
-    return out
-
-
 def crash_images(base, records, rng):
     """(description, image) for every crash state the module docstring lists."""
     writes = [(i, off, data) for i, (_, kind, off, data) in enumerate(records) if kind == "write"]
@@ -142,7 +134,7 @@ def crash_images(base, records, rng):
     for k in range(len(writes) + 1):
         yield f"prefix of {k} writes", image([(o, d) for _, o, d in writes[:k]])
     for k, (_, off, data) in enumerate(writes):
-        pieces = _pieces(off, data)
+        pieces = sectors(off, data)
         for _ in range(TORN_PER_WRITE if len(pieces) > 1 else 0):
             some = [p for p in pieces if rng.random() < 0.5]
             yield (f"write {k} ({len(data)} bytes at {off}) torn",
@@ -154,7 +146,7 @@ def crash_images(base, records, rng):
         applied = [(o, d) for i, o, d in writes if i < last]
         for i, o, d in writes:
             if last < i < clock and rng.random() < 0.5:
-                applied += [p for p in _pieces(o, d) if rng.random() < 0.8]
+                applied += [p for p in sectors(o, d) if rng.random() < 0.8]
         yield f"power loss before record {clock} (last sync {last})", image(applied)
 
 
