@@ -378,7 +378,7 @@ class Replay:
         for t in range(self.torn):
             img = durable.clone()
             for w in pending:
-                pieces = _torn(self.rng, w[2], w[3]) if w[1] == WRITE else \
+                pieces = torn(self.rng, w[2], w[3]) if w[1] == WRITE else \
                     ([(w[2], w[3])] if self.rng.random() < 0.5 else [])
                 if w[1] == ZERO and pieces:
                     self._poke(img, w)
@@ -519,13 +519,21 @@ class Replay:
             yield f"{self.fsck[0]} exited {res.returncode}: {' | '.join(tail)}"
 
 
-def _torn(rng: random.Random, off: int, length: int) -> list:
-    """The 512-byte pieces of a write that reach the media: all, none, or any subset."""
+def sector_pieces(off: int, length: int) -> list[tuple[int, int]]:
+    """A write cut at 512-byte boundaries: (offset, length) of each piece a power cut may
+    keep or lose."""
     pieces, pos = [], off
     while pos < off + length:
         end = min((pos // TEAR + 1) * TEAR, off + length)
         pieces.append((pos, end - pos))
         pos = end
+    return pieces
+
+
+def torn(rng: random.Random, off: int, length: int) -> list[tuple[int, int]]:
+    """The pieces of a write that reach the media after a power cut: all, none, or any
+    subset (tests/crashsim.py tears its writes with it too)."""
+    pieces = sector_pieces(off, length)
     mode = rng.random()
     if mode < 0.4:
         return pieces

@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 
 from btt_core import Btt, BttError, Io, check_io
+from btt_core.replay import sector_pieces, torn
 
 from testbuild import commit_step, mutated, set_map_flags
 
@@ -181,23 +182,12 @@ def _content(op_index: int, lba: int, size: int) -> bytes:
 
 def sectors(off: int, data: bytes) -> list[tuple[int, bytes]]:
     """A write cut at 512-byte boundaries: the pieces a power cut may keep or lose."""
-    pieces, pos = [], off
-    while pos < off + len(data):
-        end = min((pos // 512 + 1) * 512, off + len(data))
-        pieces.append((pos, data[pos - off:end - off]))
-        pos = end
-    return pieces
+    return [(pos, data[pos - off:pos - off + n]) for pos, n in sector_pieces(off, len(data))]
 
 
 def _torn(rng: random.Random, off: int, data: bytes):
     """The 512-byte-aligned pieces of a write that reach the media: any subset."""
-    pieces = sectors(off, data)
-    mode = rng.random()
-    if mode < 0.4:
-        return pieces  # whole
-    if mode < 0.6:
-        return []  # lost
-    return [p for p in pieces if rng.random() < 0.5]
+    return [(pos, data[pos - off:pos - off + n]) for pos, n in torn(rng, off, len(data))]
 
 
 def crash_images(rec: Recording, clock: int, kind: str, rng: random.Random):
